@@ -1,0 +1,244 @@
+"""Stream a synthetic state dict between two processes and report throughput and peak memory.
+
+    python -m benchmarks stream --driver tcp --size 32GiB --baseline --json
+
+The sender streams a SyntheticSource (generated from a seed, never stored, so 32 GiB fits on any
+machine) into a DigestSink on the receiver, each in its own spawned process so each side's peak
+RSS above its own baseline is measured separately. With --baseline the same bytes first cross a
+plain uvloop socket (no framing, no checksums, reused buffers) to give the raw limit of this
+machine in this run; `ratio` is tensorwire's throughput over that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import time
+import traceback
+from typing import Any
+
+from benchmarks.probes import MIB, RssSampler, parse_size, run_children
+
+DRIVERS = ("tcp", "memory")
+_HOST = "127.0.0.1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--driver", choices=DRIVERS, default="tcp")
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="bytes to stream, e.g. 32GiB")
+    parser.add_argument("--chunk-size", type=parse_size, default=None, help="default: the transport's")
+    parser.add_argument("--window", type=parse_size, default=None, help="per-stream credit window")
+    parser.add_argument("--dtype", default="BF16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", action="store_true", help="also measure a plain uvloop socket")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = _settings(args)
+    if args.driver == "memory":
+        result = _run_in_process(settings)
+    else:
+        result = _run_two_processes(settings)
+    if args.baseline:
+        raw = _run_raw_baseline(args.size, args.timeout)
+        result["raw_throughput_mb_s"] = raw
+        result["ratio"] = round(result["throughput_mb_s"] / raw, 3) if raw else None
+    return result
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.chunk_size:
+        overrides["chunk_size"] = args.chunk_size
+    if args.window:
+        overrides["stream_window"] = args.window
+        overrides["connection_window"] = max(args.window, 128 * MIB)
+    return {
+        "driver": args.driver,
+        "size": args.size,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "overrides": overrides,
+        "timeout": args.timeout,
+    }
+
+
+def _summary(settings: dict[str, Any], sender: dict[str, Any], receiver: dict[str, Any]) -> dict[str, Any]:
+    seconds = receiver["finished_at"] - sender["started_at"]
+    nbytes = receiver["bytes"]
+    return {
+        "benchmark": "stream",
+        "driver": settings["driver"],
+        "bytes": nbytes,
+        "seconds": round(seconds, 3),
+        "throughput_mb_s": round(nbytes / seconds / 1e6, 1),
+        "sender_peak_rss_mib": round(sender["peak_rss_mib"], 1),
+        "receiver_peak_rss_mib": round(receiver["peak_rss_mib"], 1),
+        "digest_ok": bool(receiver["digest_ok"] and nbytes == settings["size"]),
+        "chunk_size": sender["chunk_size"],
+        "stream_window": sender["stream_window"],
+        "chunks": receiver["chunks"],
+    }
+
+
+# --- tensorwire, two processes ------------------------------------------------------------------
+
+
+def _run_two_processes(settings: dict[str, Any]) -> dict[str, Any]:
+    url_queue: Any = multiprocessing.get_context("spawn").Queue()
+    receiver, sender = run_children(
+        [(_receiver_child, (settings, url_queue)), (_sender_child, (settings, url_queue))],
+        timeout=settings["timeout"],
+    )
+    return _summary(settings, sender, receiver)
+
+
+def _child(role: str, queue: Any, body: Any) -> None:
+    """Run `body()` under uvloop and put its result (or the error) on the queue."""
+    try:
+        import uvloop
+
+        queue.put(uvloop.run(body()))
+    except BaseException:
+        queue.put({"role": role, "error": traceback.format_exc()})
+
+
+def _receiver_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
+    _child("receiver", queue, lambda: _receive(settings, url_queue.put))
+
+
+def _sender_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
+    _child("sender", queue, lambda: _send(settings, url_queue.get(timeout=120)))
+
+
+async def _receive(settings: dict[str, Any], publish_url: Any) -> dict[str, Any]:
+    from transport import DigestSink, DigestMismatchError, Endpoint
+
+    async with Endpoint(**settings["overrides"]) as endpoint:
+        publish_url(await endpoint.listen(f"{settings['driver']}://{_HOST}:0"))
+        sampler = RssSampler().start()
+        transfer = await anext(endpoint.incoming())
+        try:
+            stats = await transfer.receive_into(DigestSink())
+            digest_ok = True
+        except DigestMismatchError:
+            stats, digest_ok = None, False
+        finished_at = time.time()
+        sampler.stop()
+    manifest = transfer.manifest
+    return {
+        "role": "receiver",
+        "bytes": manifest.total_bytes if manifest and digest_ok else 0,
+        "chunks": _count(stats, "chunks"),
+        "digest_ok": digest_ok,
+        "finished_at": finished_at,
+        "peak_rss_mib": sampler.peak_above_baseline_mib,
+        "rss_timeline": sampler.timeline,
+    }
+
+
+def _count(stats: Any, key: str) -> int | None:
+    if isinstance(stats, dict):
+        return stats.get(key)
+    return getattr(stats, key, None)
+
+
+async def _send(settings: dict[str, Any], url: str) -> dict[str, Any]:
+    from transport import Endpoint, SyntheticSource
+
+    async with Endpoint(**settings["overrides"]) as endpoint:
+        config = endpoint.config
+        source = SyntheticSource(
+            settings["size"], seed=settings["seed"], dtype=settings["dtype"], chunk_size=config.chunk_size
+        )
+        peer = await endpoint.connect(url)
+        sampler = RssSampler().start()
+        started_at = time.time()
+        await peer.send_state_dict(source)
+        sampler.stop()
+    return {
+        "role": "sender",
+        "started_at": started_at,
+        "peak_rss_mib": sampler.peak_above_baseline_mib,
+        "rss_timeline": sampler.timeline,
+        "chunk_size": config.chunk_size,
+        "stream_window": config.stream_window,
+    }
+
+
+# --- tensorwire, one process (memory driver) ------------------------------------------------------
+
+
+def _run_in_process(settings: dict[str, Any]) -> dict[str, Any]:
+    import uvloop
+
+    async def both() -> tuple[dict[str, Any], dict[str, Any]]:
+        urls: asyncio.Queue[str] = asyncio.Queue()
+        settings_here = {**settings, "driver": "memory"}
+        receiving = asyncio.ensure_future(_receive(settings_here, urls.put_nowait))
+        sender = await _send(settings_here, await urls.get())
+        return sender, await receiving
+
+    sender, receiver = uvloop.run(both())
+    return _summary(settings, sender, receiver)
+
+
+# --- the raw limit: a plain uvloop socket --------------------------------------------------------
+
+
+def _run_raw_baseline(size: int, timeout: float) -> float:
+    """MB/s of `size` bytes through a plain uvloop TCP socket on loopback, in two processes."""
+    port_queue: Any = multiprocessing.get_context("spawn").Queue()
+    receiver, sender = run_children(
+        [(_raw_receiver_child, (size, port_queue)), (_raw_sender_child, (size, port_queue))], timeout=timeout
+    )
+    seconds = receiver["finished_at"] - sender["started_at"]
+    return round(size / seconds / 1e6, 1)
+
+
+def _raw_receiver_child(queue: Any, size: int, port_queue: Any) -> None:
+    _child("raw receiver", queue, lambda: _raw_receive(size, port_queue.put))
+
+
+def _raw_sender_child(queue: Any, size: int, port_queue: Any) -> None:
+    _child("raw sender", queue, lambda: _raw_send(size, port_queue.get(timeout=120)))
+
+
+class _RawSink(asyncio.BufferedProtocol):
+    def __init__(self, size: int, done: asyncio.Future[float]) -> None:
+        self._buffer = bytearray(MIB)
+        self._left = size
+        self._done = done
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._left -= nbytes
+        if self._left <= 0 and not self._done.done():
+            self._done.set_result(time.time())
+
+
+async def _raw_receive(size: int, publish_port: Any) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+    server = await loop.create_server(lambda: _RawSink(size, done), _HOST, 0)
+    publish_port(server.sockets[0].getsockname()[1])
+    finished_at = await done
+    server.close()
+    return {"role": "raw receiver", "finished_at": finished_at}
+
+
+async def _raw_send(size: int, port: int) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection(_HOST, port)
+    block = memoryview(bytearray(8 * MIB))
+    started_at = time.time()
+    left = size
+    while left > 0:
+        writer.write(block[: min(left, block.nbytes)])
+        left -= block.nbytes
+        await writer.drain()
+    writer.close()
+    return {"role": "raw sender", "started_at": started_at}

@@ -1,0 +1,60 @@
+"""The `tensorwire` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Annotated
+
+import typer
+
+import transport
+
+app = typer.Typer(
+    name="tensorwire",
+    help="Stream state dicts of any size between federated-learning sites.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    typer.echo(transport.__version__)
+
+
+@app.command()
+def demo(
+    size: Annotated[str, typer.Option(help="bytes of generated state dict to stream, e.g. 1GiB")] = "1GiB",
+    driver: Annotated[str, typer.Option(help="tcp or memory")] = "tcp",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Stream a generated state dict between two local endpoints (two processes) and report
+    throughput and each side's peak memory above its baseline."""
+    from benchmarks import stream
+    from benchmarks.probes import format_size, parse_size
+
+    args = argparse.Namespace(
+        driver=driver, size=parse_size(size), chunk_size=None, window=None, dtype="BF16", seed=0,
+        baseline=False, timeout=3600.0,
+    )
+    if not as_json:
+        typer.echo(f"streaming {format_size(args.size)} of bf16 tensors over {driver}://127.0.0.1 ...")
+    result = stream.run(args)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(
+        f"moved {format_size(result['bytes'])} in {result['seconds']:.2f} s: "
+        f"{result['throughput_mb_s']:,.0f} MB/s, digest {'verified' if result['digest_ok'] else 'MISMATCH'}\n"
+        f"peak RSS above baseline: sender {result['sender_peak_rss_mib']:.0f} MiB, "
+        f"receiver {result['receiver_peak_rss_mib']:.0f} MiB "
+        f"(chunks of {format_size(result['chunk_size'])}, window {format_size(result['stream_window'])})"
+    )
+    if not result["digest_ok"]:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

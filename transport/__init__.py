@@ -1,0 +1,50 @@
+"""tensorwire transport: stream state dicts of any size as safetensors chunks over tcp, grpc, http
+or memory, with memory bounded by a window, per-chunk integrity and one idle timeout.
+
+This module is the public API; everything else in the package is internal and may change.
+"""
+
+from transport.drivers import PeerInfo, TLSConfig
+from transport.endpoint import Endpoint, EndpointConfig, IncomingTransfer, Peer, TransferResult
+from transport.exceptions import *  # noqa: F403 - the whole exception tree is public
+from transport.exceptions import __all__ as _exception_names
+from transport.payload import (
+    DEFAULT_CHUNK_SIZE,
+    CallbackSink,
+    DigestSink,
+    Manifest,
+    SafetensorsFileSink,
+    SafetensorsSource,
+    Sink,
+    Source,
+    StateDictSink,
+    StateDictSource,
+    SyntheticSource,
+    TensorSpec,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "CallbackSink",
+    "DigestSink",
+    "Endpoint",
+    "EndpointConfig",
+    "IncomingTransfer",
+    "Manifest",
+    "Peer",
+    "PeerInfo",
+    "SafetensorsFileSink",
+    "SafetensorsSource",
+    "Sink",
+    "Source",
+    "StateDictSink",
+    "StateDictSource",
+    "SyntheticSource",
+    "TLSConfig",
+    "TensorSpec",
+    "TransferResult",
+    "__version__",
+    *_exception_names,
+]

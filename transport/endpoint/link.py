@@ -1,0 +1,379 @@
+"""One live connection: the sans-I/O protocol run over a driver connection.
+
+The link is the only place where the protocol meets asyncio. Bytes from the driver go straight into
+the protocol's buffers (get_buffer/buffer_updated, so the socket reads into the payload buffer);
+events that come out are routed to the transfer they belong to; frames the protocol queues are
+written by one flush at a time, in order, with the driver's back-pressure.
+
+Timeouts follow one rule: a wait fails when nothing has moved on the link for `idle_timeout`
+seconds. Heartbeat pings keep idle connections open through middleboxes but do not count as
+movement, so a peer that stays connected but never consumes still times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from transport import sfm
+from transport.drivers import DriverConnection, PeerInfo
+from transport.endpoint.pool import BufferPool
+from transport.exceptions import (
+    ConnectionClosedError,
+    IdleTimeoutError,
+    ProtocolError,
+    RemoteError,
+    RemoteRequestError,
+    StreamResetError,
+    TensorwireError,
+    TransportError,
+)
+from transport.wire import Buffer
+
+if TYPE_CHECKING:
+    from transport.endpoint.transfers import IncomingTransfer
+
+log = logging.getLogger("tensorwire.link")
+
+RequestHandler = Callable[["Link", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]]
+IncomingHandler = Callable[["IncomingTransfer"], None]
+
+_PROGRESS_EVENTS = (
+    sfm.DataReceived,
+    sfm.CreditGranted,
+    sfm.StreamOpened,
+    sfm.StreamEnded,
+    sfm.RequestReceived,
+    sfm.ResponseReceived,
+)
+
+
+class _SendSlot:
+    """What a sending stream waits on: credit, or the error that ends it."""
+
+    def __init__(self) -> None:
+        self.credit = asyncio.Event()
+        self.error: TensorwireError | None = None
+
+
+class Link:
+    """A connection to one peer; create with `Link(...)`, then `attach(driver_connection)`."""
+
+    def __init__(
+        self,
+        config: sfm.ConnectionConfig,
+        pool: BufferPool,
+        *,
+        idle_timeout: float,
+        heartbeat_interval: float,
+        on_incoming: IncomingHandler,
+        on_request: RequestHandler | None,
+        node_id: str,
+    ) -> None:
+        self._protocol = sfm.Connection(config, allocate=pool.allocate)
+        self.pool = pool
+        self.idle_timeout = idle_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._on_incoming = on_incoming
+        self._on_request = on_request
+        self._node_id = node_id
+        self._driver: DriverConnection | None = None
+        self._write_lock = asyncio.Lock()
+        self._flush_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sending: dict[int, _SendSlot] = {}
+        self._receiving: dict[int, IncomingTransfer] = {}
+        self._responses: dict[int, asyncio.Future[tuple[Mapping[str, Any], bytes]]] = {}
+        self._loop = asyncio.get_running_loop()
+        self.last_progress = self._loop.time()
+        self.error: TensorwireError | None = None
+        self.closed = asyncio.Event()
+        self.remote_node: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.on_closed: Callable[[Link], None] | None = None
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def attach(self, driver: DriverConnection) -> None:
+        """Bind the driver connection, say hello and start heartbeats."""
+        self._driver = driver
+        self._protocol.send_hello({"protocol": 1, "node": self._node_id})
+        self._schedule_flush()
+        if self._heartbeat_interval > 0:
+            self._spawn(self._heartbeat())
+
+    @property
+    def peer(self) -> PeerInfo | None:
+        return self._driver.peer if self._driver else None
+
+    async def close(self) -> None:
+        """Say goodbye, flush what is queued and close the driver connection."""
+        if self.error is None and not self._protocol.closed:
+            self._protocol.close("normal", "closing")
+            with contextlib.suppress(TensorwireError):
+                await self.flush()
+        self._fail(ConnectionClosedError("connection closed locally"))
+        if self._driver is not None:
+            await self._driver.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _fail(self, error: TensorwireError) -> None:
+        """The connection is over: wake every waiter with the error, once."""
+        if self.error is not None:
+            return
+        self.error = error
+        for slot in self._sending.values():
+            slot.error = slot.error or error
+            slot.credit.set()
+        for transfer in list(self._receiving.values()):
+            transfer.on_failed(error)
+        for future in self._responses.values():
+            if not future.done():
+                future.set_exception(error)
+        self.closed.set()
+        if self.on_closed is not None:
+            self.on_closed(self)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- driver callbacks (ByteReceiver) -------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._protocol.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        try:
+            self._protocol.buffer_updated(nbytes)
+        except ProtocolError as error:
+            self._protocol_failed(error)
+            return
+        self._dispatch()
+
+    def eof_received(self) -> None:
+        try:
+            self._protocol.receive_eof()
+        except ProtocolError as error:
+            self._protocol_failed(error)
+            return
+        self._dispatch()
+        self._fail(ConnectionClosedError(f"peer {self._peer_name()} closed the connection"))
+
+    def connection_lost(self, exc: TransportError | None) -> None:
+        self._dispatch()
+        self._fail(exc or ConnectionClosedError(f"connection to {self._peer_name()} lost"))
+
+    def _protocol_failed(self, error: ProtocolError) -> None:
+        log.warning("peer %s broke the protocol: %s", self._peer_name(), error)
+        self._dispatch()
+        self._fail(error)
+        self._spawn(self._flush_then_abort())
+
+    async def _flush_then_abort(self) -> None:
+        with contextlib.suppress(TensorwireError):
+            await asyncio.wait_for(self.flush(force=True), 1.0)
+        if self._driver is not None:
+            self._driver.abort()
+
+    def _peer_name(self) -> str:
+        peer = self.peer
+        return self.remote_node or (peer.address if peer else "?")
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for event in self._protocol.events_received():
+            if isinstance(event, _PROGRESS_EVENTS):
+                self.last_progress = self._loop.time()
+            self._route(event)
+        self._schedule_flush()
+
+    def _route(self, event: sfm.Event) -> None:  # noqa: C901 - one branch per event type
+        if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
+            transfer = self._receiving.get(event.stream_id)
+            if transfer is not None:
+                transfer.on_event(event)
+        elif isinstance(event, sfm.CreditGranted):
+            self._wake_senders(event.stream_id)
+        elif isinstance(event, sfm.StreamOpened):
+            self._open_incoming(event)
+        elif isinstance(event, sfm.StreamReset):
+            self._stream_reset(event)
+        elif isinstance(event, sfm.RequestReceived):
+            self._spawn(self._answer(event))
+        elif isinstance(event, sfm.ResponseReceived):
+            self._resolve(event)
+        elif isinstance(event, sfm.HelloReceived):
+            self.remote_node = str(event.header.get("node", "")) or None
+        elif isinstance(event, sfm.GoAwayReceived) and event.code != "normal":
+            self._fail(RemoteError(f"peer closed the connection: {event.reason}", code=event.code))
+
+    def _wake_senders(self, stream_id: int) -> None:
+        slots = self._sending.values() if stream_id == 0 else [self._sending.get(stream_id)]
+        for slot in slots:
+            if slot is not None:
+                slot.credit.set()
+
+    def _open_incoming(self, event: sfm.StreamOpened) -> None:
+        from transport.endpoint.transfers import IncomingTransfer
+
+        transfer = IncomingTransfer(self, event.stream_id, event.header)
+        self._receiving[event.stream_id] = transfer
+        self._on_incoming(transfer)
+
+    def _stream_reset(self, event: sfm.StreamReset) -> None:
+        error = StreamResetError(f"peer reset stream {event.stream_id}: {event.reason}", code=event.code)
+        slot = self._sending.get(event.stream_id)
+        if slot is not None:
+            slot.error = error
+            slot.credit.set()
+        transfer = self._receiving.get(event.stream_id)
+        if transfer is not None:
+            transfer.on_failed(error)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._protocol.pending_send_bytes and (self._flush_task is None or self._flush_task.done()):
+            self._flush_task = asyncio.ensure_future(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(TensorwireError):
+            await self.flush()
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Write everything the protocol has queued, in order, honouring back-pressure."""
+        async with self._write_lock:
+            if self.error is not None and not force:
+                raise self.error
+            parts = self._protocol.data_to_send()
+            if not parts or self._driver is None:
+                return
+            self.bytes_out += sum(memoryview(part).nbytes for part in parts)
+            try:
+                await self._driver.send(parts)
+            except TransportError as error:
+                self._fail(error)
+                raise
+
+    # --- waiting -------------------------------------------------------------------------------
+
+    async def wait_progress(self, event: asyncio.Event, what: str) -> None:
+        """Wait for `event`; fail only if nothing moved on the link for idle_timeout."""
+        while not event.is_set():
+            remaining = self.last_progress + self.idle_timeout - self._loop.time()
+            if remaining <= 0:
+                raise IdleTimeoutError(
+                    f"nothing moved for {self.idle_timeout:g} s while waiting for {what} "
+                    f"(peer {self._peer_name()})"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+
+    async def _heartbeat(self) -> None:
+        while self.error is None:
+            await asyncio.sleep(self._heartbeat_interval)
+            if self.error is None and not self._protocol.closed:
+                self._protocol.send_ping()
+                self._schedule_flush()
+
+    # --- streams out ---------------------------------------------------------------------------
+
+    def open_stream(self, header: Mapping[str, Any]) -> int:
+        self._raise_if_failed()
+        stream_id = self._protocol.open_stream(header)
+        self._sending[stream_id] = _SendSlot()
+        return stream_id
+
+    async def send_chunk(self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int) -> None:
+        """Send one DATA frame once the peer's credit allows it."""
+        slot = self._sending[stream_id]
+        while True:
+            if slot.error is not None:
+                raise slot.error
+            if self._protocol.send_window(stream_id) >= nbytes:
+                break
+            slot.credit.clear()
+            await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
+        self._protocol.send_data(stream_id, index, parts)
+        self.last_progress = self._loop.time()
+        await self.flush()
+
+    async def end_stream(self, stream_id: int, header: Mapping[str, Any] | None = None) -> None:
+        slot = self._sending.pop(stream_id)
+        if slot.error is not None:
+            raise slot.error
+        self._protocol.end_stream(stream_id, header)
+        await self.flush()
+
+    def reset_stream(self, stream_id: int, code: str, reason: str) -> None:
+        """Abandon a stream in either direction and tell the peer why."""
+        self._sending.pop(stream_id, None)
+        self._receiving.pop(stream_id, None)
+        if self.error is None:
+            with contextlib.suppress(TensorwireError):
+                self._protocol.reset_stream(stream_id, code, reason)
+            self._schedule_flush()
+
+    # --- streams in ----------------------------------------------------------------------------
+
+    def consumed(self, stream_id: int, nbytes: int) -> None:
+        """The application took `nbytes` of a stream: return that credit to the peer."""
+        if self.error is None and stream_id in self._receiving:
+            self._protocol.consumed(stream_id, nbytes)
+            self._schedule_flush()
+
+    def finished_incoming(self, stream_id: int) -> None:
+        self._receiving.pop(stream_id, None)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def request(self, header: Mapping[str, Any], body: Buffer = b"") -> tuple[Mapping[str, Any], bytes]:
+        self._raise_if_failed()
+        request_id = self._protocol.send_request(header, body)
+        future: asyncio.Future[tuple[Mapping[str, Any], bytes]] = self._loop.create_future()
+        self._responses[request_id] = future
+        try:
+            await self.flush()
+            done = asyncio.Event()
+            future.add_done_callback(lambda _: done.set())
+            await self.wait_progress(done, f"the response to request {request_id}")
+            return future.result()
+        finally:
+            self._responses.pop(request_id, None)
+
+    def _resolve(self, event: sfm.ResponseReceived) -> None:
+        future = self._responses.get(event.request_id)
+        if future is None or future.done():
+            return
+        if event.error:
+            reason = str(event.header.get("reason", "request failed"))
+            future.set_exception(RemoteRequestError(reason, code=str(event.header.get("code", "error"))))
+        else:
+            future.set_result((event.header, bytes(event.body)))
+
+    async def _answer(self, event: sfm.RequestReceived) -> None:
+        try:
+            if self._on_request is None:
+                raise LookupError("this endpoint serves no requests")  # noqa: TRY301
+            header, body = await self._on_request(self, event.header, bytes(event.body))
+        except Exception as error:  # noqa: BLE001 - a handler failure becomes the peer's error
+            log.info("request handler failed: %r", error)
+            reason = f"{type(error).__name__}: {error}"
+            self._protocol.send_response(event.request_id, {"code": "handler", "reason": reason}, error=True)
+        else:
+            self._protocol.send_response(event.request_id, header, body)
+        self._schedule_flush()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
