@@ -1,0 +1,1 @@
+"""Tests of transport.wire: the frame codec."""
