@@ -29,6 +29,7 @@ from typing import Any, Final
 from transport.exceptions import ConfigError
 
 __all__ = [
+    "KNOWN_FLAGS",
     "MAGIC",
     "PREFIX",
     "PREFIX_SIZE",
@@ -87,10 +88,11 @@ class Limits:
     max_frame: int = 256 * 1024 * 1024 + 16 * 1024 * 1024 + PREFIX_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("max_header", "max_payload", "max_frame"):
+        # header_len and payload_len are u32 fields: a limit beyond that could never be reached.
+        for name in ("max_header", "max_payload"):
             value = getattr(self, name)
-            if not 0 <= value <= 0xFFFFFFFF + PREFIX_SIZE + 0xFFFFFFFF:
-                raise ConfigError(f"Limits.{name}={value} is outside the wire format's range")
+            if not 0 <= value <= 0xFFFFFFFF:
+                raise ConfigError(f"Limits.{name}={value} is outside the u32 length field's range")
         if self.max_frame < PREFIX_SIZE:
             raise ConfigError(f"Limits.max_frame={self.max_frame} is smaller than a frame prefix")
 
