@@ -1,0 +1,83 @@
+"""Connection settings: ours (`ConnectionConfig`) and the peer's (`PeerSettings`, from its HELLO).
+
+Each side announces in its HELLO header, under the key "sfm", the initial credit it grants and the
+concurrency it accepts. The peer starts sending on that credit without waiting for a CREDIT frame
+(one round trip saved per stream on a long link) and never opens more streams or requests than
+announced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from transport.exceptions import ConfigError, UnexpectedFrameError
+from transport.sfm.flow import MAX_WINDOW
+from transport.wire import DEFAULT_LIMITS, Limits
+
+__all__ = ["HELLO_SETTINGS_KEY", "ConnectionConfig", "PeerSettings"]
+
+HELLO_SETTINGS_KEY: Final = "sfm"
+_SETTING_RANGES: Final = {
+    "stream_window": (0, MAX_WINDOW),
+    "connection_window": (0, MAX_WINDOW),
+    "max_streams": (0, 2**31),
+    "max_pending_requests": (0, 2**31),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """This side's protocol settings; windows and counts are what we grant the peer."""
+
+    is_initiator: bool  # the initiator opens odd stream and request ids, the acceptor even ones
+    stream_window: int = 32 * 2**20  # credit granted to the peer per stream at open
+    connection_window: int = 128 * 2**20  # credit granted to the peer for all streams together
+    max_streams: int = 64  # concurrent streams the peer may open; more is a protocol error
+    max_pending_requests: int = 256  # unanswered requests the peer may have; more is an error
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in _SETTING_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"ConnectionConfig.{name}={value!r} is outside {low}..{high}")
+        if self.stream_window == 0 or self.connection_window == 0:
+            raise ConfigError(
+                f"ConnectionConfig windows must be > 0 (stream_window={self.stream_window}, "
+                f"connection_window={self.connection_window}): the peer could never send data"
+            )
+
+    def hello_settings(self) -> dict[str, int]:
+        """The settings this side announces in its HELLO header."""
+        return {name: getattr(self, name) for name in _SETTING_RANGES}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """What the peer announced in its HELLO: the credit and concurrency it grants us."""
+
+    stream_window: int
+    connection_window: int
+    max_streams: int
+    max_pending_requests: int
+
+    @classmethod
+    def from_hello(cls, header: Mapping[str, Any]) -> PeerSettings:
+        """Read and check the peer's announced settings; absent or absurd ones are an error."""
+        announced = header.get(HELLO_SETTINGS_KEY)
+        if not isinstance(announced, Mapping):
+            raise UnexpectedFrameError(
+                f"HELLO header lacks the {HELLO_SETTINGS_KEY!r} settings object "
+                f"(got {type(announced).__name__})"
+            )
+        values: dict[str, int] = {}
+        for name, (low, high) in _SETTING_RANGES.items():
+            value = announced.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UnexpectedFrameError(
+                    f"HELLO setting {HELLO_SETTINGS_KEY}.{name}={value!r} is outside {low}..{high}"
+                )
+            values[name] = value
+        return cls(**values)
