@@ -78,7 +78,9 @@ class RssSampler:
         return (self.peak - self.baseline) / MIB
 
 
-def run_children(targets: list[tuple[Callable[..., None], tuple[Any, ...]]], timeout: float) -> list[Any]:
+def run_children(
+    targets: list[tuple[Callable[..., None], tuple[Any, ...]]], timeout: float
+) -> list[Any]:
     """Run each target(queue, *args) in its own spawned process; return what each put on its queue.
 
     Spawned (not forked) so each child starts from a clean interpreter and its RSS baseline is its

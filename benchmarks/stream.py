@@ -26,21 +26,24 @@ _HOST = "127.0.0.1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--driver", choices=DRIVERS, default="tcp")
-    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="bytes to stream, e.g. 32GiB")
-    parser.add_argument("--chunk-size", type=parse_size, default=None, help="default: the transport's")
+    parser.add_argument(
+        "--size", type=parse_size, default=parse_size("1GiB"), help="bytes to stream, e.g. 32GiB"
+    )
+    parser.add_argument(
+        "--chunk-size", type=parse_size, default=None, help="default: the transport's"
+    )
     parser.add_argument("--window", type=parse_size, default=None, help="per-stream credit window")
     parser.add_argument("--dtype", default="BF16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--baseline", action="store_true", help="also measure a plain uvloop socket")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also measure a plain uvloop socket"
+    )
     parser.add_argument("--timeout", type=float, default=3600.0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
-    if args.driver == "memory":
-        result = _run_in_process(settings)
-    else:
-        result = _run_two_processes(settings)
+    result = _run_in_process(settings) if args.driver == "memory" else _run_two_processes(settings)
     if args.baseline:
         raw = _run_raw_baseline(args.size, args.timeout)
         result["raw_throughput_mb_s"] = raw
@@ -65,7 +68,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _summary(settings: dict[str, Any], sender: dict[str, Any], receiver: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    settings: dict[str, Any], sender: dict[str, Any], receiver: dict[str, Any]
+) -> dict[str, Any]:
     seconds = receiver["finished_at"] - sender["started_at"]
     nbytes = receiver["bytes"]
     return {
@@ -114,7 +119,7 @@ def _sender_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
 
 
 async def _receive(settings: dict[str, Any], publish_url: Any) -> dict[str, Any]:
-    from transport import DigestSink, DigestMismatchError, Endpoint
+    from transport import DigestMismatchError, DigestSink, Endpoint
 
     async with Endpoint(**settings["overrides"]) as endpoint:
         publish_url(await endpoint.listen(f"{settings['driver']}://{_HOST}:0"))
@@ -151,7 +156,10 @@ async def _send(settings: dict[str, Any], url: str) -> dict[str, Any]:
     async with Endpoint(**settings["overrides"]) as endpoint:
         config = endpoint.config
         source = SyntheticSource(
-            settings["size"], seed=settings["seed"], dtype=settings["dtype"], chunk_size=config.chunk_size
+            settings["size"],
+            seed=settings["seed"],
+            dtype=settings["dtype"],
+            chunk_size=config.chunk_size,
         )
         peer = await endpoint.connect(url)
         sampler = RssSampler().start()
@@ -192,7 +200,8 @@ def _run_raw_baseline(size: int, timeout: float) -> float:
     """MB/s of `size` bytes through a plain uvloop TCP socket on loopback, in two processes."""
     port_queue: Any = multiprocessing.get_context("spawn").Queue()
     receiver, sender = run_children(
-        [(_raw_receiver_child, (size, port_queue)), (_raw_sender_child, (size, port_queue))], timeout=timeout
+        [(_raw_receiver_child, (size, port_queue)), (_raw_sender_child, (size, port_queue))],
+        timeout=timeout,
     )
     seconds = receiver["finished_at"] - sender["started_at"]
     return round(size / seconds / 1e6, 1)
@@ -232,7 +241,7 @@ async def _raw_receive(size: int, publish_port: Any) -> dict[str, Any]:
 
 
 async def _raw_send(size: int, port: int) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection(_HOST, port)
+    _reader, writer = await asyncio.open_connection(_HOST, port)
     block = memoryview(bytearray(8 * MIB))
     started_at = time.time()
     left = size

@@ -26,7 +26,9 @@ def version() -> None:
 
 @app.command()
 def demo(
-    size: Annotated[str, typer.Option(help="bytes of generated state dict to stream, e.g. 1GiB")] = "1GiB",
+    size: Annotated[
+        str, typer.Option(help="bytes of generated state dict to stream, e.g. 1GiB")
+    ] = "1GiB",
     driver: Annotated[str, typer.Option(help="tcp or memory")] = "tcp",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -36,21 +38,30 @@ def demo(
     from benchmarks.probes import format_size, parse_size
 
     args = argparse.Namespace(
-        driver=driver, size=parse_size(size), chunk_size=None, window=None, dtype="BF16", seed=0,
-        baseline=False, timeout=3600.0,
+        driver=driver,
+        size=parse_size(size),
+        chunk_size=None,
+        window=None,
+        dtype="BF16",
+        seed=0,
+        baseline=False,
+        timeout=3600.0,
     )
     if not as_json:
-        typer.echo(f"streaming {format_size(args.size)} of bf16 tensors over {driver}://127.0.0.1 ...")
+        typer.echo(
+            f"streaming {format_size(args.size)} of bf16 tensors over {driver}://127.0.0.1 ..."
+        )
     result = stream.run(args)
     if as_json:
         typer.echo(json.dumps(result))
         return
+    digest = "verified" if result["digest_ok"] else "MISMATCH"
+    chunk, window = format_size(result["chunk_size"]), format_size(result["stream_window"])
     typer.echo(
         f"moved {format_size(result['bytes'])} in {result['seconds']:.2f} s: "
-        f"{result['throughput_mb_s']:,.0f} MB/s, digest {'verified' if result['digest_ok'] else 'MISMATCH'}\n"
+        f"{result['throughput_mb_s']:,.0f} MB/s, digest {digest}\n"
         f"peak RSS above baseline: sender {result['sender_peak_rss_mib']:.0f} MiB, "
-        f"receiver {result['receiver_peak_rss_mib']:.0f} MiB "
-        f"(chunks of {format_size(result['chunk_size'])}, window {format_size(result['stream_window'])})"
+        f"receiver {result['receiver_peak_rss_mib']:.0f} MiB (chunks of {chunk}, window {window})"
     )
     if not result["digest_ok"]:
         raise typer.Exit(1)

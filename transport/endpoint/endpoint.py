@@ -40,7 +40,9 @@ from transport.exceptions import ConfigError
 from transport.payload import DEFAULT_CHUNK_SIZE, Source, StateDictSource
 from transport.wire import DEFAULT_LIMITS, Buffer, Limits
 
-RequestHandler = Callable[["Peer", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]]
+RequestHandler = Callable[
+    ["Peer", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
+]
 
 # The safetensors header of a chunk is small, but a chunk of many tiny tensors carries one JSON
 # entry per tensor; credit and buffers leave this much room above chunk_size for it.
@@ -118,12 +120,14 @@ class Peer:
         )
         return await send_source(self._link, source, meta)
 
-    async def send_file(self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None) -> TransferResult:
+    async def send_file(
+        self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None
+    ) -> TransferResult:
         """Stream a plain file's bytes (checkpoints, datasets, logs) with the same guarantees."""
         file_path = Path(path)
-        size = file_path.stat().st_size
+        size = (await asyncio.to_thread(file_path.stat)).st_size
         info = {"name": file_path.name, **(meta or {})}
-        blocks = file_blocks(file_path, self._endpoint.config.chunk_size)
+        blocks = file_blocks(file_path, self._endpoint.config.chunk_size, self._link.stream_window)
         return await send_blocks(self._link, blocks, info, size=size)
 
     async def send_bytes(
@@ -132,10 +136,18 @@ class Peer:
         *,
         meta: Mapping[str, Any] | None = None,
     ) -> TransferResult:
-        """Stream any (async) iterable of byte blocks; each block becomes one DATA frame."""
-        return await send_blocks(self._link, _bounded(blocks, self._endpoint.config.chunk_size), meta)
+        """Stream any (async) iterable of byte blocks (split to at most a chunk per DATA frame).
 
-    async def request(self, header: Mapping[str, Any], body: Buffer = b"") -> tuple[Mapping[str, Any], bytes]:
+        The driver may still read a block after the next one was asked for, so an iterable must
+        not refill a block it already yielded (yield fresh buffers, or a ring larger than the
+        window as `send_file` does)."""
+        return await send_blocks(
+            self._link, _bounded(blocks, self._endpoint.config.chunk_size), meta
+        )
+
+    async def request(
+        self, header: Mapping[str, Any], body: Buffer = b""
+    ) -> tuple[Mapping[str, Any], bytes]:
         """A small request/response exchange beside the streams (RemoteRequestError on failure)."""
         return await self._link.request(header, body)
 
@@ -146,7 +158,9 @@ class Peer:
         await self._link.closed.wait()
 
 
-async def _bounded(blocks: AsyncIterable[Buffer] | Iterable[Buffer], limit: int) -> AsyncIterator[memoryview]:
+async def _bounded(
+    blocks: AsyncIterable[Buffer] | Iterable[Buffer], limit: int
+) -> AsyncIterator[memoryview]:
     """Split blocks larger than a chunk so one frame never exceeds the peer's window."""
     if isinstance(blocks, AsyncIterable):
         async for block in blocks:
@@ -175,7 +189,10 @@ class Endpoint:
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -237,7 +254,9 @@ class Endpoint:
         link.on_closed = self._links.discard
         return link
 
-    async def _serve_request(self, link: Link, header: Mapping[str, Any], body: bytes) -> tuple[Mapping[str, Any], Buffer]:
+    async def _serve_request(
+        self, link: Link, header: Mapping[str, Any], body: bytes
+    ) -> tuple[Mapping[str, Any], Buffer]:
         if self._request_handler is None:
             raise LookupError("no request handler is registered on this endpoint")
         return await self._request_handler(Peer(self, link), header, body)

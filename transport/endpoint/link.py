@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorwire.link")
 
-RequestHandler = Callable[["Link", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]]
+RequestHandler = Callable[
+    ["Link", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
+]
 IncomingHandler = Callable[["IncomingTransfer"], None]
 
 _PROGRESS_EVENTS = (
@@ -56,7 +58,13 @@ class _SendSlot:
 
     def __init__(self) -> None:
         self.credit = asyncio.Event()
+        self.completed = asyncio.Event()
         self.error: TensorwireError | None = None
+
+    def fail(self, error: TensorwireError) -> None:
+        self.error = self.error or error
+        self.credit.set()
+        self.completed.set()
 
 
 class Link:
@@ -74,6 +82,7 @@ class Link:
         node_id: str,
     ) -> None:
         self._protocol = sfm.Connection(config, allocate=pool.allocate)
+        self._own_stream_window = config.stream_window
         self.pool = pool
         self.idle_timeout = idle_timeout
         self._heartbeat_interval = heartbeat_interval
@@ -107,6 +116,12 @@ class Link:
             self._spawn(self._heartbeat())
 
     @property
+    def stream_window(self) -> int:
+        """The most bytes of one stream the peer lets us have in flight (its announced window)."""
+        settings = self._protocol.peer_settings
+        return settings.stream_window if settings else self._own_stream_window
+
+    @property
     def peer(self) -> PeerInfo | None:
         return self._driver.peer if self._driver else None
 
@@ -128,8 +143,7 @@ class Link:
             return
         self.error = error
         for slot in self._sending.values():
-            slot.error = slot.error or error
-            slot.credit.set()
+            slot.fail(error)
         for transfer in list(self._receiving.values()):
             transfer.on_failed(error)
         for future in self._responses.values():
@@ -196,13 +210,15 @@ class Link:
             self._route(event)
         self._schedule_flush()
 
-    def _route(self, event: sfm.Event) -> None:  # noqa: C901 - one branch per event type
+    def _route(self, event: sfm.Event) -> None:
         if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
             transfer = self._receiving.get(event.stream_id)
             if transfer is not None:
                 transfer.on_event(event)
         elif isinstance(event, sfm.CreditGranted):
             self._wake_senders(event.stream_id)
+        elif isinstance(event, sfm.StreamCompleted):
+            self._completed(event.stream_id)
         elif isinstance(event, sfm.StreamOpened):
             self._open_incoming(event)
         elif isinstance(event, sfm.StreamReset):
@@ -222,6 +238,11 @@ class Link:
             if slot is not None:
                 slot.credit.set()
 
+    def _completed(self, stream_id: int) -> None:
+        slot = self._sending.get(stream_id)
+        if slot is not None:
+            slot.completed.set()
+
     def _open_incoming(self, event: sfm.StreamOpened) -> None:
         from transport.endpoint.transfers import IncomingTransfer
 
@@ -230,11 +251,12 @@ class Link:
         self._on_incoming(transfer)
 
     def _stream_reset(self, event: sfm.StreamReset) -> None:
-        error = StreamResetError(f"peer reset stream {event.stream_id}: {event.reason}", code=event.code)
+        error = StreamResetError(
+            f"peer reset stream {event.stream_id}: {event.reason}", code=event.code
+        )
         slot = self._sending.get(event.stream_id)
         if slot is not None:
-            slot.error = error
-            slot.credit.set()
+            slot.fail(error)
         transfer = self._receiving.get(event.stream_id)
         if transfer is not None:
             transfer.on_failed(error)
@@ -242,7 +264,9 @@ class Link:
     # --- writing -------------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if self._protocol.pending_send_bytes and (self._flush_task is None or self._flush_task.done()):
+        if self._protocol.pending_send_bytes and (
+            self._flush_task is None or self._flush_task.done()
+        ):
             self._flush_task = asyncio.ensure_future(self._flush_quietly())
 
     async def _flush_quietly(self) -> None:
@@ -293,7 +317,9 @@ class Link:
         self._sending[stream_id] = _SendSlot()
         return stream_id
 
-    async def send_chunk(self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int) -> None:
+    async def send_chunk(
+        self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int
+    ) -> None:
         """Send one DATA frame once the peer's credit allows it."""
         slot = self._sending[stream_id]
         while True:
@@ -308,11 +334,18 @@ class Link:
         await self.flush()
 
     async def end_stream(self, stream_id: int, header: Mapping[str, Any] | None = None) -> None:
-        slot = self._sending.pop(stream_id)
+        """End a stream and wait until the peer confirms it verified the whole stream's digest."""
+        slot = self._sending[stream_id]
         if slot.error is not None:
             raise slot.error
         self._protocol.end_stream(stream_id, header)
         await self.flush()
+        try:
+            await self.wait_progress(slot.completed, f"the peer to verify stream {stream_id}")
+        finally:
+            self._sending.pop(stream_id, None)
+        if slot.error is not None:
+            raise slot.error
 
     def reset_stream(self, stream_id: int, code: str, reason: str) -> None:
         """Abandon a stream in either direction and tell the peer why."""
@@ -336,7 +369,9 @@ class Link:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def request(self, header: Mapping[str, Any], body: Buffer = b"") -> tuple[Mapping[str, Any], bytes]:
+    async def request(
+        self, header: Mapping[str, Any], body: Buffer = b""
+    ) -> tuple[Mapping[str, Any], bytes]:
         self._raise_if_failed()
         request_id = self._protocol.send_request(header, body)
         future: asyncio.Future[tuple[Mapping[str, Any], bytes]] = self._loop.create_future()
@@ -356,19 +391,23 @@ class Link:
             return
         if event.error:
             reason = str(event.header.get("reason", "request failed"))
-            future.set_exception(RemoteRequestError(reason, code=str(event.header.get("code", "error"))))
+            future.set_exception(
+                RemoteRequestError(reason, code=str(event.header.get("code", "error")))
+            )
         else:
             future.set_result((event.header, bytes(event.body)))
 
     async def _answer(self, event: sfm.RequestReceived) -> None:
         try:
             if self._on_request is None:
-                raise LookupError("this endpoint serves no requests")  # noqa: TRY301
+                raise LookupError("this endpoint serves no requests")
             header, body = await self._on_request(self, event.header, bytes(event.body))
-        except Exception as error:  # noqa: BLE001 - a handler failure becomes the peer's error
+        except Exception as error:
             log.info("request handler failed: %r", error)
             reason = f"{type(error).__name__}: {error}"
-            self._protocol.send_response(event.request_id, {"code": "handler", "reason": reason}, error=True)
+            self._protocol.send_response(
+                event.request_id, {"code": "handler", "reason": reason}, error=True
+            )
         else:
             self._protocol.send_response(event.request_id, header, body)
         self._schedule_flush()
@@ -376,4 +415,3 @@ class Link:
     def _raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
-

@@ -54,27 +54,59 @@ class TransferResult:
 # --- sending ---------------------------------------------------------------------------------
 
 
+class _InFlight:
+    """Chunks handed to the driver whose buffers may still be referenced by it.
+
+    A driver may keep views of what it was given until the kernel took them (uvloop does), so a
+    source may reuse a chunk's buffer only once the chunk is certainly delivered. The peer's credit
+    proves it: once a window's worth of later bytes was sent, the receiver must have consumed the
+    chunk, so the socket had written it.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._sent = 0
+        self._pending: deque[tuple[int, Any]] = deque()
+
+    def sent(self, item: Any, nbytes: int) -> list[Any]:
+        """Record `item` as sent; return the earlier items that are now safe to reuse."""
+        self._sent += nbytes
+        self._pending.append((self._sent, item))
+        safe = []
+        while self._pending and self._sent - self._pending[0][0] > self._window:
+            safe.append(self._pending.popleft()[1])
+        return safe
+
+    def drain(self) -> list[Any]:
+        items = [item for _, item in self._pending]
+        self._pending.clear()
+        return items
+
+
 async def send_source(link: Link, source: Source, meta: Mapping[str, Any] | None) -> TransferResult:
-    """Stream every chunk of `source` over a new stream of `link`."""
+    """Stream every chunk of `source` over a new stream; return once the peer verified it."""
     manifest = source.manifest
     header = {"kind": STATE_DICT, "manifest": manifest.to_header(), "meta": dict(meta or {})}
     started = time.perf_counter()
     stream_id = link.open_stream(header)
-    sent = 0
+    in_flight = _InFlight(link.stream_window)
     chunks = plan_chunks(manifest)
     try:
         for chunk in chunks:
-            views = source.chunk_views(chunk)
-            parts = encode_chunk(manifest, chunk, views)
+            parts = encode_chunk(manifest, chunk, source.chunk_views(chunk))
             nbytes = sum(memoryview(part).nbytes for part in parts)
             await link.send_chunk(stream_id, chunk.index, parts, nbytes)
-            source.release(chunk)
-            sent += chunk.nbytes
+            for delivered in in_flight.sent(chunk, nbytes):
+                source.release(delivered)
         await link.end_stream(stream_id)
     except BaseException as error:
         link.reset_stream(stream_id, "sender_failed", _describe(error))
         raise
-    return TransferResult(stream_id, STATE_DICT, sent, len(chunks), time.perf_counter() - started, "")
+    finally:
+        for delivered in in_flight.drain():
+            source.release(delivered)
+    seconds = time.perf_counter() - started
+    return TransferResult(stream_id, STATE_DICT, manifest.total_bytes, len(chunks), seconds, "")
 
 
 async def send_blocks(
@@ -114,12 +146,16 @@ async def _aiter(blocks: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[An
             yield block
 
 
-def file_blocks(path: Path, block_size: int) -> Iterable[memoryview]:
-    """Read a file in blocks into two alternating reused buffers (no fresh memory per block)."""
-    buffers = [bytearray(block_size), bytearray(block_size)]
+def file_blocks(path: Path, block_size: int, window: int) -> Iterable[memoryview]:
+    """Read a file in blocks into a ring of reused buffers (no fresh memory per block).
+
+    The ring holds one window of blocks plus two, so a buffer is refilled only after the peer's
+    credit proved its previous contents were delivered (see _InFlight).
+    """
+    ring = [bytearray(block_size) for _ in range(window // block_size + 2)]
     with open(path, "rb", buffering=0) as handle:
         for turn in range(1 << 62):
-            buffer = buffers[turn % 2]
+            buffer = ring[turn % len(ring)]
             count = handle.readinto(buffer)
             if not count:
                 return
@@ -190,7 +226,9 @@ class IncomingTransfer:
             sink.open(manifest)
             async for event in self._data_events():
                 if event.index >= len(chunks):
-                    raise PayloadError(f"chunk index {event.index} beyond the plan's {len(chunks)} chunks")
+                    raise PayloadError(
+                        f"chunk index {event.index} beyond the plan's {len(chunks)} chunks"
+                    )
                 chunk = chunks[event.index]
                 pieces = decode_chunk(manifest, chunk, event.payload)
                 if inline:
@@ -220,7 +258,8 @@ class IncomingTransfer:
         target = Path(path)
         partial = target.with_name(target.name + ".partial")
         try:
-            with open(partial, "wb") as handle:
+            handle = await asyncio.to_thread(open, partial, "wb")
+            with handle:
                 async for block in self:
                     await asyncio.to_thread(handle.write, block)
                 await asyncio.to_thread(os.fsync, handle.fileno())

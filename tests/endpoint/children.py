@@ -1,0 +1,59 @@
+"""Child-process bodies for the bounded-memory tests (spawned, so they must be importable)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from benchmarks.probes import RssSampler
+
+
+def _run(queue: Any, role: str, body: Any) -> None:
+    import traceback
+
+    import uvloop
+
+    try:
+        queue.put(uvloop.run(body()))
+    except BaseException:
+        queue.put({"role": role, "error": traceback.format_exc()})
+
+
+def file_receiver(queue: Any, path: str, url_queue: Any) -> None:
+    async def body() -> dict[str, Any]:
+        from transport import Endpoint, SafetensorsFileSink
+
+        async with Endpoint() as endpoint:
+            url_queue.put(await endpoint.listen("tcp://127.0.0.1:0"))
+            sampler = RssSampler().start()
+            transfer = await anext(endpoint.incoming())
+            written = await transfer.receive_into(SafetensorsFileSink(path))
+            sampler.stop()
+        return {
+            "role": "receiver",
+            "path": str(written),
+            "peak_rss_mib": sampler.peak_above_baseline_mib,
+        }
+
+    _run(queue, "receiver", body)
+
+
+def synthetic_sender(queue: Any, nbytes: int, url_queue: Any) -> None:
+    async def body() -> dict[str, Any]:
+        from transport import Endpoint, SyntheticSource
+
+        async with Endpoint() as endpoint:
+            peer = await endpoint.connect(url_queue.get(timeout=60))
+            source = SyntheticSource(nbytes, seed=11, chunk_size=endpoint.config.chunk_size)
+            sampler = RssSampler().start()
+            started = time.perf_counter()
+            result = await peer.send_state_dict(source)
+            sampler.stop()
+        return {
+            "role": "sender",
+            "bytes": result.bytes,
+            "seconds": time.perf_counter() - started,
+            "peak_rss_mib": sampler.peak_above_baseline_mib,
+        }
+
+    _run(queue, "sender", body)
