@@ -111,18 +111,21 @@ def _child(role: str, queue: Any, body: Any) -> None:
 
 
 def _receiver_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    _child("receiver", queue, lambda: _receive(settings, url_queue.put))
+    _child("receiver", queue, lambda: receive_synthetic(settings, url_queue.put))
 
 
 def _sender_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    _child("sender", queue, lambda: _send(settings, url_queue.get(timeout=120)))
+    _child("sender", queue, lambda: send_synthetic(settings, url_queue.get(timeout=120)))
 
 
-async def _receive(settings: dict[str, Any], publish_url: Any) -> dict[str, Any]:
+async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[str, Any]:
+    """Listen on settings["driver"]://settings["host"] (default 127.0.0.1), publish the URL, take
+    one transfer into a DigestSink; return bytes, timing, digest_ok and peak RSS above baseline."""
     from transport import DigestMismatchError, DigestSink, Endpoint
 
     async with Endpoint(**settings["overrides"]) as endpoint:
-        publish_url(await endpoint.listen(f"{settings['driver']}://{_HOST}:0"))
+        host = settings.get("host", _HOST)
+        publish_url(await endpoint.listen(f"{settings['driver']}://{host}:0"))
         sampler = RssSampler().start()
         transfer = await anext(endpoint.incoming())
         try:
@@ -150,7 +153,8 @@ def _count(stats: Any, key: str) -> int | None:
     return getattr(stats, key, None)
 
 
-async def _send(settings: dict[str, Any], url: str) -> dict[str, Any]:
+async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
+    """Stream settings["size"] bytes of SyntheticSource to `url`; return timing and peak RSS."""
     from transport import Endpoint, SyntheticSource
 
     async with Endpoint(**settings["overrides"]) as endpoint:
@@ -185,8 +189,8 @@ def _run_in_process(settings: dict[str, Any]) -> dict[str, Any]:
     async def both() -> tuple[dict[str, Any], dict[str, Any]]:
         urls: asyncio.Queue[str] = asyncio.Queue()
         settings_here = {**settings, "driver": "memory"}
-        receiving = asyncio.ensure_future(_receive(settings_here, urls.put_nowait))
-        sender = await _send(settings_here, await urls.get())
+        receiving = asyncio.ensure_future(receive_synthetic(settings_here, urls.put_nowait))
+        sender = await send_synthetic(settings_here, await urls.get())
         return sender, await receiving
 
     sender, receiver = uvloop.run(both())
@@ -208,11 +212,11 @@ def _run_raw_baseline(size: int, timeout: float) -> float:
 
 
 def _raw_receiver_child(queue: Any, size: int, port_queue: Any) -> None:
-    _child("raw receiver", queue, lambda: _raw_receive(size, port_queue.put))
+    _child("raw receiver", queue, lambda: _rawreceive_synthetic(size, port_queue.put))
 
 
 def _raw_sender_child(queue: Any, size: int, port_queue: Any) -> None:
-    _child("raw sender", queue, lambda: _raw_send(size, port_queue.get(timeout=120)))
+    _child("raw sender", queue, lambda: _rawsend_synthetic(size, port_queue.get(timeout=120)))
 
 
 class _RawSink(asyncio.BufferedProtocol):
@@ -230,7 +234,7 @@ class _RawSink(asyncio.BufferedProtocol):
             self._done.set_result(time.time())
 
 
-async def _raw_receive(size: int, publish_port: Any) -> dict[str, Any]:
+async def _rawreceive_synthetic(size: int, publish_port: Any) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[float] = loop.create_future()
     server = await loop.create_server(lambda: _RawSink(size, done), _HOST, 0)
@@ -240,7 +244,7 @@ async def _raw_receive(size: int, publish_port: Any) -> dict[str, Any]:
     return {"role": "raw receiver", "finished_at": finished_at}
 
 
-async def _raw_send(size: int, port: int) -> dict[str, Any]:
+async def _rawsend_synthetic(size: int, port: int) -> dict[str, Any]:
     _reader, writer = await asyncio.open_connection(_HOST, port)
     block = memoryview(bytearray(8 * MIB))
     started_at = time.time()
