@@ -34,6 +34,7 @@ from transport.sfm import (
     PongReceived,
     RequestReceived,
     ResponseReceived,
+    ResumeReceived,
     StreamCompleted,
     StreamEnded,
     StreamFailed,
@@ -215,6 +216,24 @@ def test_dropped_chunk_is_a_count_mismatch() -> None:
     assert type(failed.error) is IntegrityError
     assert "3 chunks" in str(failed.error)
     assert "2 chunks" in str(failed.error)
+
+
+def test_resume_travels_from_receiver_to_sender_and_late_ones_are_ignored() -> None:
+    a, b = connected_pair()
+    sid = a.open_stream({"kind": "blob", "attempt": 1})
+    pump(a, b)
+    b.send_resume(sid, {"held": [[0, 5]]})
+    pump(b, a)
+    assert of_type(a.events_received(), ResumeReceived) == [ResumeReceived(sid, {"held": [[0, 5]]})]
+    a.send_data(sid, 5, [b"the first chunk the receiver lacks"])
+    a.end_stream(sid)
+    b.send_resume(sid, {"held": []})  # crosses the END: the sender drops it without an event
+    pump(a, b)
+    pump(b, a)
+    assert of_type(a.events_received(), ResumeReceived) == []
+    assert of_type(b.events_received(), StreamEnded)
+    with pytest.raises(StreamStateError, match="only receives its data"):
+        a.send_resume(sid, {"held": []})  # only the receiver of a stream may resume it
 
 
 def test_reset_by_sender_and_by_receiver() -> None:

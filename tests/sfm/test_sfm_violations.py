@@ -207,11 +207,11 @@ VIOLATIONS: list[tuple[str, dict[str, Any], list[bytes], type[ProtocolError], st
     ),
     ("second_hello", {}, [raw_hello()], UnexpectedFrameError, "second HELLO"),
     (
-        "resume_refused",
+        "resume_for_unknown_stream",
         {},
         [raw(T.RESUME, stream_id=1)],
         UnexpectedFrameError,
-        "RESUME frames are not supported",
+        "RESUME for stream 1, which was never opened",
     ),
     (
         "pong_without_ping",

@@ -22,7 +22,9 @@ Protocol rules beyond the per-stream table (states.py):
 - After our GOAWAY (`close`) the peer's new streams are refused with RESET code "refused" and its
   new requests with an error RESPONSE; after the peer's GOAWAY, a new stream or request from it is a
   protocol error, and our `open_stream`/`send_request` raise `StreamStateError`.
-- RESUME is not supported yet: receiving one is an `UnexpectedFrameError`.
+- RESUME travels receiver -> sender on an open stream with the chunks the receiver already holds
+  (`send_resume`); the sender's application gets `ResumeReceived` and skips them. sfm does not
+  interpret the header: resuming is the transfer layer's business.
 - The receiver checks END (chunk count, payload bytes, digest; see digest.py). On success it sends
   an ACK whose offset is the chunk count (the sender gets `StreamCompleted`) and reports
   `StreamEnded`; on failure it sends RESET and reports `StreamFailed`.
@@ -58,6 +60,7 @@ from transport.sfm.events import (
     PongReceived,
     RequestReceived,
     ResponseReceived,
+    ResumeReceived,
     StreamCompleted,
     StreamEnded,
     StreamFailed,
@@ -204,8 +207,9 @@ class Connection(ConnectionCore):
         payload: Sequence[Buffer],
         header: Mapping[str, Any] | None = None,
         flags: int = 0,
-    ) -> None:
-        """Send chunk `index` (parts of one payload, not copied) on a stream we opened.
+    ) -> int:
+        """Send chunk `index` (parts of one payload, not copied) on a stream we opened; return
+        the frame's checksum (the transfer layer keeps it for a digest across connections).
 
         Local misuse raises StreamStateError: a stream not open for sending, a duplicate index,
         or a payload larger than `send_window()` (wait for `CreditGranted`, then retry).
@@ -226,6 +230,7 @@ class Connection(ConnectionCore):
         self._conn_send.spend(nbytes)
         stream.digest.add(index, checksum, nbytes)
         self._step(stream, StreamInput.SEND_DATA)
+        return checksum
 
     def _check_chunk(self, stream: StreamRecord, index: int, nbytes: int) -> None:
         """Refuse a DATA frame this side may not send now, before anything is queued."""
@@ -274,6 +279,13 @@ class Connection(ConnectionCore):
         self._send_reset(stream, code, reason)
 
     # --- stream verbs (receiver side) ----------------------------------------------------------
+
+    def send_resume(self, stream_id: int, header: Mapping[str, Any]) -> None:
+        """Tell the sender of an open stream what this side already holds (opaque to sfm)."""
+        stream = self._local_stream(stream_id, Role.RECEIVER)
+        next_state(stream.role, stream.state, StreamInput.SEND_RESUME, stream_id)
+        self._send(FrameType.RESUME, stream_id=stream_id, header=header)
+        self._step(stream, StreamInput.SEND_RESUME)
 
     def consumed(self, stream_id: int, nbytes: int) -> None:
         """The application took `nbytes` of this stream's DATA payload: give that credit back.
@@ -484,6 +496,15 @@ class Connection(ConnectionCore):
         code, reason = str(frame.header.get("code", "")), str(frame.header.get("reason", ""))
         self._events.append(StreamReset(stream.stream_id, code, reason))
 
+    def _on_resume(self, frame: Frame) -> None:
+        stream = self._peer_stream(frame)
+        if stream.role is not Role.SENDER:
+            raise UnexpectedFrameError(f"RESUME on stream {stream.stream_id}, which the peer sends")
+        live = stream.state is StreamState.OPEN
+        self._step(stream, StreamInput.RECV_RESUME)
+        if live:
+            self._events.append(ResumeReceived(stream.stream_id, frame.header))
+
     def _on_request(self, frame: Frame) -> None:
         request_id = frame.stream_id
         self._check_peer_id(request_id, self._highest_peer_request, "request", "REQUEST")
@@ -522,6 +543,7 @@ class Connection(ConnectionCore):
         FrameType.ACK: _on_ack,
         FrameType.END: _on_end,
         FrameType.RESET: _on_reset,
+        FrameType.RESUME: _on_resume,
         FrameType.REQUEST: _on_request,
         FrameType.RESPONSE: _on_response,
     }

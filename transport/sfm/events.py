@@ -22,6 +22,7 @@ __all__ = [
     "PongReceived",
     "RequestReceived",
     "ResponseReceived",
+    "ResumeReceived",
     "StreamCompleted",
     "StreamEnded",
     "StreamFailed",
@@ -91,6 +92,14 @@ class StreamCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeReceived:
+    """The receiver of a stream we send told us what it already holds (`header["held"]`)."""
+
+    stream_id: int
+    header: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class CreditGranted:
     """A send window grew (stream_id 0: the connection's); a blocked sender may retry."""
 
@@ -139,6 +148,7 @@ Event = (
     | StreamFailed
     | StreamReset
     | StreamCompleted
+    | ResumeReceived
     | CreditGranted
     | RequestReceived
     | ResponseReceived

@@ -14,6 +14,9 @@ Rules (read these before the table):
    RECEIVER: IDLE -open-> OPEN -end-> HALF_CLOSED_REMOTE, then the receiver checks counts and
    digest and either sends the final ACK (-> CLOSED) or a RESET (-> RESET).
    Either side may reset from any live state.
+   The RECEIVER of an open stream may send RESUME (the chunks it already holds from an earlier
+   connection of the same transfer); the SENDER takes it while it still sends, and ignores a late
+   one after END or RESET.
 5. Races are tolerated, not errors: after a RESET the peer may still have DATA/END (or CREDIT/ACK)
    in flight, so those arrive in RESET and are dropped; CREDIT may arrive after CLOSED because the
    receiver grants credit as its application consumes, which can be after the end.
@@ -70,6 +73,7 @@ class StreamInput(enum.Enum):
     SEND_CREDIT = "send_credit"
     SEND_ACK = "send_ack"
     SEND_RESET = "send_reset"
+    SEND_RESUME = "send_resume"
     RECV_OPEN = "recv_open"
     RECV_DATA = "recv_data"
     RECV_END = "recv_end"
@@ -77,6 +81,7 @@ class StreamInput(enum.Enum):
     RECV_ACK = "recv_ack"  # progress: the receiver holds some chunks
     RECV_ACK_ALL = "recv_ack_all"  # after END: the receiver verified and holds every chunk
     RECV_RESET = "recv_reset"
+    RECV_RESUME = "recv_resume"
 
     @property
     def is_local(self) -> bool:
@@ -96,8 +101,10 @@ TRANSITIONS: Final[dict[tuple[Role, StreamState], dict[StreamInput, StreamState]
         In.RECV_CREDIT: S.OPEN,
         In.RECV_ACK: S.OPEN,
         In.RECV_RESET: S.RESET,
+        In.RECV_RESUME: S.OPEN,
     },
     (Role.SENDER, S.HALF_CLOSED_LOCAL): {
+        In.RECV_RESUME: S.HALF_CLOSED_LOCAL,
         In.SEND_RESET: S.RESET,
         In.RECV_CREDIT: S.HALF_CLOSED_LOCAL,
         In.RECV_ACK: S.HALF_CLOSED_LOCAL,
@@ -110,6 +117,7 @@ TRANSITIONS: Final[dict[tuple[Role, StreamState], dict[StreamInput, StreamState]
         In.RECV_ACK: S.RESET,
         In.RECV_ACK_ALL: S.RESET,
         In.RECV_RESET: S.RESET,
+        In.RECV_RESUME: S.RESET,
     },
     (Role.SENDER, S.HALF_CLOSED_REMOTE): {},  # a receiver's state: never a sender's
     (Role.RECEIVER, S.IDLE): {In.RECV_OPEN: S.OPEN},
@@ -120,6 +128,7 @@ TRANSITIONS: Final[dict[tuple[Role, StreamState], dict[StreamInput, StreamState]
         In.SEND_CREDIT: S.OPEN,
         In.SEND_ACK: S.OPEN,
         In.SEND_RESET: S.RESET,
+        In.SEND_RESUME: S.OPEN,
     },
     (Role.RECEIVER, S.HALF_CLOSED_LOCAL): {},  # a sender's state: never a receiver's
     (Role.RECEIVER, S.HALF_CLOSED_REMOTE): {
