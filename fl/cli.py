@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 import transport
+from fl.cli_certs import certs_app
 
 app = typer.Typer(
     name="tensorwire",
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(certs_app, name="certs")
 
 
 @app.command()

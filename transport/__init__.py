@@ -4,6 +4,15 @@ or memory, with memory bounded by a window, per-chunk integrity and one idle tim
 This module is the public API; everything else in the package is internal and may change.
 """
 
+from transport.certs import (
+    CertificateFiles,
+    client_tls,
+    create_ca,
+    create_pki,
+    issue_certificate,
+    server_tls,
+    tls_config_for,
+)
 from transport.drivers import PeerInfo, TLSConfig
 from transport.endpoint import Endpoint, EndpointConfig, IncomingTransfer, Peer, TransferResult
 from transport.exceptions import *  # noqa: F403 - the whole exception tree is public
@@ -28,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "CallbackSink",
+    "CertificateFiles",
     "DigestSink",
     "Endpoint",
     "EndpointConfig",
@@ -46,5 +56,11 @@ __all__ = [
     "TensorSpec",
     "TransferResult",
     "__version__",
+    "client_tls",
+    "create_ca",
+    "create_pki",
+    "issue_certificate",
+    "server_tls",
+    "tls_config_for",
     *_exception_names,
 ]
