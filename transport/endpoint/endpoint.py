@@ -1,4 +1,4 @@
-"""The public face of the transport: an Endpoint that listens and connects, and a Peer per link.
+"""The public face of the transport: an Endpoint that listens and connects, and a Peer per remote.
 
     async with Endpoint() as server:
         url = await server.listen("tcp://127.0.0.1:0")
@@ -15,174 +15,43 @@ The same code runs over every driver: the URL's scheme picks it.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-import torch
-
-from transport import sfm
-from transport.drivers import DriverConnection, Listener, PeerInfo, TLSConfig, driver_for
+from transport.drivers import DriverConnection, Listener, driver_for
+from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig
 from transport.endpoint.link import Link
+from transport.endpoint.peer import Peer
 from transport.endpoint.pool import BufferPool
-from transport.endpoint.transfers import (
-    IncomingTransfer,
-    TransferResult,
-    file_blocks,
-    send_blocks,
-    send_source,
-)
-from transport.exceptions import ConfigError
-from transport.payload import DEFAULT_CHUNK_SIZE, Source, StateDictSource
-from transport.wire import DEFAULT_LIMITS, Buffer, Limits
+from transport.endpoint.receiving import IncomingTransfer
+from transport.wire import Buffer
+
+# Completed transfers remembered so that a sender which lost our final ACK and reopens one is
+# answered "all held" instead of delivering the transfer to the application a second time.
+_COMPLETED_REMEMBERED = 1024
 
 RequestHandler = Callable[
-    ["Peer", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
+    [Peer, Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
 ]
-
-# The safetensors header of a chunk is small, but a chunk of many tiny tensors carries one JSON
-# entry per tensor; credit and buffers leave this much room above chunk_size for it.
-_CHUNK_HEADER_ROOM = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    """Everything an endpoint can be tuned by; the defaults are meant to be left alone."""
-
-    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    stream_window: int = 32 * 2**20
-    connection_window: int = 128 * 2**20
-    max_streams: int = 64
-    idle_timeout: float = 120.0
-    heartbeat_interval: float = 30.0
-    tls: TLSConfig | None = None
-    limits: Limits = DEFAULT_LIMITS
-
-    def __post_init__(self) -> None:
-        room = self.chunk_size + _CHUNK_HEADER_ROOM
-        if self.chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
-        if self.stream_window < room or self.connection_window < room:
-            raise ConfigError(
-                f"stream_window ({self.stream_window}) and connection_window "
-                f"({self.connection_window}) must hold one chunk plus its header ({room} bytes)"
-            )
-        if self.idle_timeout <= 0:
-            raise ConfigError(f"idle_timeout must be positive, got {self.idle_timeout}")
-
-    def protocol_config(self, *, is_initiator: bool) -> sfm.ConnectionConfig:
-        return sfm.ConnectionConfig(
-            is_initiator=is_initiator,
-            stream_window=self.stream_window,
-            connection_window=self.connection_window,
-            max_streams=self.max_streams,
-            limits=self.limits,
-        )
-
-
-class Peer:
-    """One connection to a remote endpoint: send to it, ask it, close it."""
-
-    def __init__(self, endpoint: Endpoint, link: Link) -> None:
-        self._endpoint = endpoint
-        self._link = link
-
-    @property
-    def info(self) -> PeerInfo | None:
-        """Scheme, address and (under TLS) the verified identity of the peer."""
-        return self._link.peer
-
-    @property
-    def node_id(self) -> str | None:
-        """The node id the peer announced in its hello."""
-        return self._link.remote_node
-
-    @property
-    def closed(self) -> bool:
-        return self._link.error is not None
-
-    async def send_state_dict(
-        self,
-        state_dict: Mapping[str, torch.Tensor] | Source,
-        *,
-        meta: Mapping[str, Any] | None = None,
-    ) -> TransferResult:
-        """Stream a state dict (or any Source) to the peer; returns when the peer has it all."""
-        source = (
-            state_dict
-            if isinstance(state_dict, Source)
-            else StateDictSource(state_dict, chunk_size=self._endpoint.config.chunk_size)
-        )
-        return await send_source(self._link, source, meta)
-
-    async def send_file(
-        self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None
-    ) -> TransferResult:
-        """Stream a plain file's bytes (checkpoints, datasets, logs) with the same guarantees."""
-        file_path = Path(path)
-        size = (await asyncio.to_thread(file_path.stat)).st_size
-        info = {"name": file_path.name, **(meta or {})}
-        blocks = file_blocks(file_path, self._endpoint.config.chunk_size, self._link.stream_window)
-        return await send_blocks(self._link, blocks, info, size=size)
-
-    async def send_bytes(
-        self,
-        blocks: AsyncIterable[Buffer] | Iterable[Buffer],
-        *,
-        meta: Mapping[str, Any] | None = None,
-    ) -> TransferResult:
-        """Stream any (async) iterable of byte blocks (split to at most a chunk per DATA frame).
-
-        The driver may still read a block after the next one was asked for, so an iterable must
-        not refill a block it already yielded (yield fresh buffers, or a ring larger than the
-        window as `send_file` does)."""
-        return await send_blocks(
-            self._link, _bounded(blocks, self._endpoint.config.chunk_size), meta
-        )
-
-    async def request(
-        self, header: Mapping[str, Any], body: Buffer = b""
-    ) -> tuple[Mapping[str, Any], bytes]:
-        """A small request/response exchange beside the streams (RemoteRequestError on failure)."""
-        return await self._link.request(header, body)
-
-    async def close(self) -> None:
-        await self._link.close()
-
-    async def wait_closed(self) -> None:
-        await self._link.closed.wait()
-
-
-async def _bounded(
-    blocks: AsyncIterable[Buffer] | Iterable[Buffer], limit: int
-) -> AsyncIterator[memoryview]:
-    """Split blocks larger than a chunk so one frame never exceeds the peer's window."""
-    if isinstance(blocks, AsyncIterable):
-        async for block in blocks:
-            for start in range(0, max(len(memoryview(block).cast("B")), 1), limit):
-                yield memoryview(block).cast("B")[start : start + limit]
-    else:
-        for block in blocks:
-            view = memoryview(block).cast("B")
-            for start in range(0, max(view.nbytes, 1), limit):
-                yield view[start : start + limit]
 
 
 class Endpoint:
-    """Listens on and connects to URLs; every connection is a Peer; streams arrive in incoming()."""
+    """Listens on and connects to URLs; every remote is a Peer; streams arrive in incoming()."""
 
     def __init__(self, config: EndpointConfig | None = None, **overrides: Any) -> None:
         base = config or EndpointConfig()
-        self.config = EndpointConfig(**{**_fields(base), **overrides}) if overrides else base
+        self.config = base.replace(**overrides) if overrides else base
         self._incoming: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self._listeners: list[Listener] = []
         self._links: set[Link] = set()
-        self._peers: asyncio.Queue[Peer] = asyncio.Queue()
+        self._accepted: asyncio.Queue[Peer] = asyncio.Queue()
+        self._peers: dict[Link, Peer] = {}
+        self._peers_by_identity: dict[tuple[str, str], Peer] = {}
+        self._resumable: dict[str, IncomingTransfer] = {}
+        self._completed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunks
+        self._tasks: set[asyncio.Task[None]] = set()
         self._request_handler: RequestHandler | None = None
 
     async def __aenter__(self) -> Endpoint:
@@ -207,60 +76,125 @@ class Endpoint:
         return listener.url
 
     async def connect(self, url: str) -> Peer:
-        """Open a connection to the endpoint listening at `url`."""
+        """Open a connection to the endpoint listening at `url` (reconnected if it drops)."""
+        link = await self.open_link(url)
+        peer = Peer(self, link, url)
+        self._peers[link] = peer
+        return peer
+
+    async def open_link(self, url: str) -> Link:
+        """A new connection to `url` (used by connect() and by a Peer that reconnects)."""
         link = self._new_link(is_initiator=True)
-        driver_connection = await driver_for(url).connect(url, link, tls=self.config.tls)
+        try:
+            driver_connection = await driver_for(url).connect(url, link, tls=self.config.tls)
+        except BaseException:
+            self._links.discard(link)
+            raise
         link.attach(driver_connection)
-        return Peer(self, link)
+        return link
 
     async def incoming(self) -> AsyncIterator[IncomingTransfer]:
-        """Every stream any peer opens to this endpoint, in arrival order."""
+        """Every transfer any peer opens to this endpoint, in arrival order (a transfer resumed
+        on a new connection is not announced again)."""
         while True:
             yield await self._incoming.get()
 
     async def accepted(self) -> AsyncIterator[Peer]:
-        """Every peer that connects to this endpoint's listeners."""
+        """Every peer that connects to this endpoint's listeners (once, however often it
+        reconnects)."""
         while True:
-            yield await self._peers.get()
+            yield await self._accepted.get()
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
         for listener in self._listeners:
             await listener.close()
         self._listeners.clear()
+        for peer in list(self._peers.values()):
+            peer._closing = True
         await asyncio.gather(*(link.close() for link in list(self._links)), return_exceptions=True)
         self._links.clear()
 
+    # --- links ---------------------------------------------------------------------------------
+
     def _accept(self, driver_connection: DriverConnection) -> Link:
         link = self._new_link(is_initiator=False)
+        link.on_hello = self._greeted
         link.attach(driver_connection)
-        self._peers.put_nowait(Peer(self, link))
         return link
+
+    def _greeted(self, link: Link) -> None:
+        """An accepted connection said hello: a new peer, or a known one coming back."""
+        peer_info = link.peer
+        identity = (peer_info.peer_identity or "" if peer_info else "", link.remote_node or "")
+        known = self._peers_by_identity.get(identity) if identity[1] else None
+        if known is not None:
+            known.replace_link(link)
+            self._peers[link] = known
+            return
+        peer = Peer(self, link)
+        self._peers[link] = peer
+        if identity[1]:
+            self._peers_by_identity[identity] = peer
+        self._accepted.put_nowait(peer)
 
     def _new_link(self, *, is_initiator: bool) -> Link:
         config = self.config
-        buffer_size = config.chunk_size + _CHUNK_HEADER_ROOM
+        buffer_size = config.chunk_size + CHUNK_HEADER_ROOM
         pool = BufferPool(buffer_size, max_idle=config.stream_window // buffer_size + 2)
         link = Link(
             config.protocol_config(is_initiator=is_initiator),
             pool,
             idle_timeout=config.idle_timeout,
             heartbeat_interval=config.heartbeat_interval,
-            on_incoming=self._incoming.put_nowait,
+            on_open=self._opened,
             on_request=self._serve_request,
             node_id=config.node_id,
         )
         self._links.add(link)
-        link.on_closed = self._links.discard
+        link.on_closed = self._forget
         return link
+
+    def _forget(self, link: Link) -> None:
+        self._links.discard(link)
+        self._peers.pop(link, None)
+
+    # --- transfers -------------------------------------------------------------------------------
+
+    def _opened(
+        self, link: Link, stream_id: int, header: Mapping[str, Any]
+    ) -> IncomingTransfer | None:
+        """A stream the peer opened: resume a transfer we already have, or announce a new one."""
+        transfer_id = header.get("transfer")
+        known = self._resumable.get(transfer_id) if isinstance(transfer_id, str) else None
+        if known is not None:
+            return known if known.reattach(link, stream_id, header) else None
+        transfer = IncomingTransfer(link, stream_id, header)
+        done_chunks = self._completed.get(transfer.transfer_id or "")
+        if transfer.resumable and done_chunks is not None:
+            task = asyncio.ensure_future(transfer.settle_duplicate(done_chunks))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return transfer
+        if transfer.resumable and transfer.transfer_id is not None:
+            self._resumable[transfer.transfer_id] = transfer
+            transfer.on_done = self._transfer_done
+        self._incoming.put_nowait(transfer)
+        return transfer
+
+    def _transfer_done(self, transfer: IncomingTransfer, ok: bool) -> None:
+        if transfer.transfer_id is None:
+            return
+        self._resumable.pop(transfer.transfer_id, None)
+        if ok:
+            self._completed[transfer.transfer_id] = transfer.held_count
+            while len(self._completed) > _COMPLETED_REMEMBERED:
+                self._completed.popitem(last=False)
 
     async def _serve_request(
         self, link: Link, header: Mapping[str, Any], body: bytes
     ) -> tuple[Mapping[str, Any], Buffer]:
         if self._request_handler is None:
             raise LookupError("no request handler is registered on this endpoint")
-        return await self._request_handler(Peer(self, link), header, body)
-
-
-def _fields(config: EndpointConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in EndpointConfig.__dataclass_fields__}
+        peer = self._peers.get(link) or Peer(self, link)
+        return await self._request_handler(peer, header, body)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from transport import sfm
 from transport.drivers import DriverConnection, PeerInfo
 from transport.endpoint.pool import BufferPool
+from transport.endpoint.sending import parse_index_ranges
 from transport.exceptions import (
     ConnectionClosedError,
     IdleTimeoutError,
@@ -30,18 +31,21 @@ from transport.exceptions import (
     StreamResetError,
     TensorwireError,
     TransportError,
+    TruncatedFrameError,
 )
 from transport.wire import Buffer
 
 if TYPE_CHECKING:
-    from transport.endpoint.transfers import IncomingTransfer
+    from transport.endpoint.receiving import IncomingTransfer
 
 log = logging.getLogger("tensorwire.link")
 
 RequestHandler = Callable[
     ["Link", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
 ]
-IncomingHandler = Callable[["IncomingTransfer"], None]
+# Decides what a stream the peer opened is: a new transfer, or one resumed on this link (or None
+# when it was refused).
+OpenHandler = Callable[["Link", int, Mapping[str, Any]], "IncomingTransfer | None"]
 
 _PROGRESS_EVENTS = (
     sfm.DataReceived,
@@ -59,12 +63,16 @@ class _SendSlot:
     def __init__(self) -> None:
         self.credit = asyncio.Event()
         self.completed = asyncio.Event()
+        self.resumed = asyncio.Event()
+        self.held: set[int] = set()
+        self.chunk_limit = 0
         self.error: TensorwireError | None = None
 
     def fail(self, error: TensorwireError) -> None:
         self.error = self.error or error
         self.credit.set()
         self.completed.set()
+        self.resumed.set()
 
 
 class Link:
@@ -77,7 +85,7 @@ class Link:
         *,
         idle_timeout: float,
         heartbeat_interval: float,
-        on_incoming: IncomingHandler,
+        on_open: OpenHandler,
         on_request: RequestHandler | None,
         node_id: str,
     ) -> None:
@@ -86,7 +94,7 @@ class Link:
         self.pool = pool
         self.idle_timeout = idle_timeout
         self._heartbeat_interval = heartbeat_interval
-        self._on_incoming = on_incoming
+        self._on_open = on_open
         self._on_request = on_request
         self._node_id = node_id
         self._driver: DriverConnection | None = None
@@ -104,6 +112,7 @@ class Link:
         self.bytes_in = 0
         self.bytes_out = 0
         self.on_closed: Callable[[Link], None] | None = None
+        self.on_hello: Callable[[Link], None] | None = None
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class Link:
         for slot in self._sending.values():
             slot.fail(error)
         for transfer in list(self._receiving.values()):
-            transfer.on_failed(error)
+            transfer.on_failed(self, error)
         for future in self._responses.values():
             if not future.done():
                 future.set_exception(error)
@@ -175,6 +184,14 @@ class Link:
     def eof_received(self) -> None:
         try:
             self._protocol.receive_eof()
+        except TruncatedFrameError as error:
+            # A connection cut in the middle of a frame is a network failure, not a protocol
+            # breach: what was cut can be resumed on a new connection.
+            self._dispatch()
+            lost = ConnectionClosedError(f"connection to {self._peer_name()} cut inside a frame")
+            lost.__cause__ = error
+            self._fail(lost)
+            return
         except ProtocolError as error:
             self._protocol_failed(error)
             return
@@ -214,11 +231,13 @@ class Link:
         if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
             transfer = self._receiving.get(event.stream_id)
             if transfer is not None:
-                transfer.on_event(event)
+                transfer.on_event(self, event)
         elif isinstance(event, sfm.CreditGranted):
             self._wake_senders(event.stream_id)
         elif isinstance(event, sfm.StreamCompleted):
             self._completed(event.stream_id)
+        elif isinstance(event, sfm.ResumeReceived):
+            self._resumed(event)
         elif isinstance(event, sfm.StreamOpened):
             self._open_incoming(event)
         elif isinstance(event, sfm.StreamReset):
@@ -229,6 +248,8 @@ class Link:
             self._resolve(event)
         elif isinstance(event, sfm.HelloReceived):
             self.remote_node = str(event.header.get("node", "")) or None
+            if self.on_hello is not None:
+                self.on_hello(self)
         elif isinstance(event, sfm.GoAwayReceived) and event.code != "normal":
             self._fail(RemoteError(f"peer closed the connection: {event.reason}", code=event.code))
 
@@ -243,12 +264,21 @@ class Link:
         if slot is not None:
             slot.completed.set()
 
-    def _open_incoming(self, event: sfm.StreamOpened) -> None:
-        from transport.endpoint.transfers import IncomingTransfer
+    def _resumed(self, event: sfm.ResumeReceived) -> None:
+        slot = self._sending.get(event.stream_id)
+        if slot is None:
+            return
+        try:
+            slot.held |= parse_index_ranges(event.header.get("held"), slot.chunk_limit)
+        except ProtocolError as error:
+            self._protocol_failed(error)
+            return
+        slot.resumed.set()
 
-        transfer = IncomingTransfer(self, event.stream_id, event.header)
-        self._receiving[event.stream_id] = transfer
-        self._on_incoming(transfer)
+    def _open_incoming(self, event: sfm.StreamOpened) -> None:
+        transfer = self._on_open(self, event.stream_id, event.header)
+        if transfer is not None:
+            self._receiving[event.stream_id] = transfer
 
     def _stream_reset(self, event: sfm.StreamReset) -> None:
         error = StreamResetError(
@@ -259,7 +289,7 @@ class Link:
             slot.fail(error)
         transfer = self._receiving.get(event.stream_id)
         if transfer is not None:
-            transfer.on_failed(error)
+            transfer.on_failed(self, error)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -317,10 +347,22 @@ class Link:
         self._sending[stream_id] = _SendSlot()
         return stream_id
 
+    async def resume_point(self, stream_id: int, chunks: int, *, wait: bool) -> set[int]:
+        """The chunks the receiver holds (it says so in RESUME). With `wait`, wait for its RESUME
+        first (a reopened transfer); without, the set fills in if one arrives while sending."""
+        slot = self._sending[stream_id]
+        slot.chunk_limit = chunks
+        if wait:
+            what = f"the receiver's resume point on stream {stream_id}"
+            await self.wait_progress(slot.resumed, what)
+            if slot.error is not None:
+                raise slot.error
+        return slot.held
+
     async def send_chunk(
         self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int
-    ) -> None:
-        """Send one DATA frame once the peer's credit allows it."""
+    ) -> int:
+        """Send one DATA frame once the peer's credit allows it; return its checksum."""
         slot = self._sending[stream_id]
         while True:
             if slot.error is not None:
@@ -329,9 +371,10 @@ class Link:
                 break
             slot.credit.clear()
             await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
-        self._protocol.send_data(stream_id, index, parts)
+        checksum = self._protocol.send_data(stream_id, index, parts)
         self.last_progress = self._loop.time()
         await self.flush()
+        return checksum
 
     async def end_stream(self, stream_id: int, header: Mapping[str, Any] | None = None) -> None:
         """End a stream and wait until the peer confirms it verified the whole stream's digest."""
@@ -362,6 +405,13 @@ class Link:
         """The application took `nbytes` of a stream: return that credit to the peer."""
         if self.error is None and stream_id in self._receiving:
             self._protocol.consumed(stream_id, nbytes)
+            self._schedule_flush()
+
+    def send_resume(self, stream_id: int, header: Mapping[str, Any]) -> None:
+        """Tell the sender of a stream which chunks we already hold."""
+        if self.error is None:
+            with contextlib.suppress(TensorwireError):
+                self._protocol.send_resume(stream_id, header)
             self._schedule_flush()
 
     def finished_incoming(self, stream_id: int) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import torch
 
-from transport.exceptions import PayloadError, SinkMismatchError
+from transport.exceptions import PayloadError, SinkMismatchError, TransportError
 from transport.payload.chunk import pack_header
+from transport.payload.journal import ProgressJournal
 from transport.payload.manifest import Manifest, TensorSpec, dtype_name
 from transport.payload.plan import Chunk, Piece, is_whole, plan_chunks
 
@@ -84,6 +85,17 @@ class Sink(ABC):
     @abstractmethod
     def abort(self, error: BaseException) -> None:
         """Give up: leave nothing that looks complete."""
+
+    def resume(self, transfer_id: str, manifest: Manifest) -> Mapping[int, int]:
+        """Called before open() for a transfer that can resume across connections and processes.
+
+        A sink that persists its progress returns the chunks it already holds from an earlier
+        attempt of this transfer (index -> checksum); open() then keeps them. Default: none.
+        """
+        return {}
+
+    def record(self, index: int, checksum: int) -> None:  # noqa: B027 - an optional hook
+        """Called once chunk `index` was written: a persisting sink notes it (default: nothing)."""
 
 
 class _Progress:
@@ -294,15 +306,30 @@ class SafetensorsFileSink(Sink):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
+        self.journal = ProgressJournal(self.partial.with_name(self.partial.name + ".progress"))
         self._fd: int | None = None
         self._bases: list[int] = []
         self._progress: _Progress | None = None
+        self._transfer_id: str | None = None
+        self._held: dict[int, int] = {}
+
+    def resume(self, transfer_id: str, manifest: Manifest) -> Mapping[int, int]:
+        """Chunks an earlier attempt of this transfer left in `<path>.partial` (per the journal)."""
+        self._transfer_id = transfer_id
+        header, _ = safetensors_file_header(manifest)
+        try:
+            size_ok = self.partial.stat().st_size == len(header) + manifest.total_bytes
+        except FileNotFoundError:
+            size_ok = False
+        self._held = self.journal.load(transfer_id, manifest) if size_ok else {}
+        return dict(self._held)
 
     def open(self, manifest: Manifest) -> None:
-        """Create `<path>.partial` with its final header and size."""
+        """Create `<path>.partial` with its final header and size (or keep the one resumed)."""
         header, offsets = safetensors_file_header(manifest)
+        flags = os.O_RDWR | os.O_CREAT | (0 if self._held else os.O_TRUNC)
         try:
-            self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.partial, flags, 0o644)
             _pwrite_all(self._fd, memoryview(header), 0)
             os.ftruncate(self._fd, len(header) + manifest.total_bytes)
         except OSError as exc:
@@ -310,6 +337,16 @@ class SafetensorsFileSink(Sink):
             raise PayloadError(f"cannot create {self.partial}: {exc}") from exc
         self._bases = [len(header) + offset for offset in offsets]
         self._progress = _Progress(manifest)
+        self._progress.done.update(self._held)
+        if self._held:
+            self.journal.reopen()
+        elif self._transfer_id is not None:
+            self.journal.start(self._transfer_id, manifest)
+
+    def record(self, index: int, checksum: int) -> None:
+        """Append chunk `index` to the journal (only for a transfer that can resume)."""
+        if self._fd is not None:
+            self.journal.record(index, checksum, self._fd)
 
     def write(self, chunk: Chunk, pieces: Sequence[tuple[Piece, memoryview]]) -> None:
         """pwrite each piece at its place in the file (no copy of the bytes)."""
@@ -341,15 +378,23 @@ class SafetensorsFileSink(Sink):
             os.replace(self.partial, self.path)
         except OSError as exc:
             raise PayloadError(f"cannot commit {self.path}: {exc}") from exc
+        self.journal.remove()
         return self.path
 
     def abort(self, error: BaseException) -> None:
-        """Close and remove the partial file."""
+        """Close; remove the partial file unless the transfer can still resume from it.
+
+        A lost connection (a TransportError) keeps `<path>.partial` and its journal so a later
+        attempt continues; any other failure (bad data, a refused manifest) removes both.
+        """
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self.partial.unlink(missing_ok=True)
+        self.journal.close()
         self._progress = None
+        if not (self._transfer_id is not None and isinstance(error, TransportError)):
+            self.partial.unlink(missing_ok=True)
+            self.journal.remove()
 
 
 # --- one callback per complete tensor ----------------------------------------------------------

@@ -1,0 +1,64 @@
+"""The endpoint's settings, checked once at construction."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from transport import sfm
+from transport.drivers import TLSConfig
+from transport.exceptions import ConfigError
+from transport.payload import DEFAULT_CHUNK_SIZE
+from transport.wire import DEFAULT_LIMITS, Limits
+
+# The safetensors header of a chunk is small, but a chunk of many tiny tensors carries one JSON
+# entry per tensor; credit and buffers leave this much room above chunk_size for it.
+CHUNK_HEADER_ROOM = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """Everything an endpoint can be tuned by; the defaults are meant to be left alone.
+
+    `idle_timeout` is the one timeout: a wait fails when nothing moved for that long, never
+    because a large transfer takes long. A dropped connection is retried (backoff with jitter)
+    until the same idle_timeout passes without a new one.
+    """
+
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    stream_window: int = 32 * 2**20
+    connection_window: int = 128 * 2**20
+    max_streams: int = 64
+    idle_timeout: float = 120.0
+    heartbeat_interval: float = 30.0
+    reconnect_initial_delay: float = 0.05
+    reconnect_max_delay: float = 5.0
+    tls: TLSConfig | None = None
+    limits: Limits = DEFAULT_LIMITS
+
+    def __post_init__(self) -> None:
+        room = self.chunk_size + CHUNK_HEADER_ROOM
+        if self.chunk_size <= 0:
+            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.stream_window < room or self.connection_window < room:
+            raise ConfigError(
+                f"stream_window ({self.stream_window}) and connection_window "
+                f"({self.connection_window}) must hold one chunk plus its header ({room} bytes)"
+            )
+        for name in ("idle_timeout", "reconnect_initial_delay", "reconnect_max_delay"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def protocol_config(self, *, is_initiator: bool) -> sfm.ConnectionConfig:
+        return sfm.ConnectionConfig(
+            is_initiator=is_initiator,
+            stream_window=self.stream_window,
+            connection_window=self.connection_window,
+            max_streams=self.max_streams,
+            limits=self.limits,
+        )
+
+    def replace(self, **changes: object) -> EndpointConfig:
+        fields = {name: getattr(self, name) for name in EndpointConfig.__dataclass_fields__}
+        return EndpointConfig(**{**fields, **changes})

@@ -1,0 +1,298 @@
+"""Receiving a transfer: decode each chunk against the plan, let the sink place it, credit back.
+
+The sink's write runs in a worker thread when it does real work, so the event loop keeps reading
+the socket on the other core; credit and the receive buffer go back only once the sink took the
+bytes, which is what bounds memory. The sink commits only after the whole transfer checked out.
+
+A transfer with an id survives its connection: when the link drops, the transfer waits (up to
+idle_timeout) for the sender to reopen it on a new connection, then tells the sender what it holds
+(RESUME: every chunk already written or queued, plus what a persisting sink kept from an earlier
+process) and carries on. Chunks that arrive twice are dropped, so the application never sees a
+duplicate; END is checked against a digest over every chunk of the transfer, so it never sees a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transport import sfm
+from transport.endpoint.sending import BYTES, STATE_DICT, describe, index_ranges, transfer_digest
+from transport.exceptions import (
+    DigestMismatchError,
+    IdleTimeoutError,
+    IntegrityError,
+    ManifestError,
+    PayloadError,
+    StreamStateError,
+    TensorwireError,
+    TransportError,
+)
+from transport.payload import Chunk, Manifest, Sink, decode_chunk, plan_chunks
+
+if TYPE_CHECKING:
+    from transport.endpoint.link import Link
+
+_Item = sfm.Event | TensorwireError
+
+
+class IncomingTransfer:
+    """A stream the peer opened to us. Take it with `receive_into(sink)` (state dicts) or by
+    iterating it / `receive_to_file(path)` (byte streams), or refuse it with `reject()`."""
+
+    def __init__(self, link: Link, stream_id: int, header: Mapping[str, Any]) -> None:
+        self._link = link
+        self.stream_id = stream_id
+        self.kind = str(header.get("kind", ""))
+        meta = header.get("meta", {})
+        self.meta: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
+        size = header.get("size")
+        self.size: int | None = size if isinstance(size, int) else None
+        transfer = header.get("transfer")
+        self.transfer_id: str | None = transfer if isinstance(transfer, str) and transfer else None
+        attempt = header.get("attempt", 0)
+        self.attempt = attempt if isinstance(attempt, int) else 0
+        self.manifest: Manifest | None = None
+        self._manifest_header = header.get("manifest")
+        self._refusal = self._check_header(header)
+        self._events: deque[tuple[Link, _Item]] = deque()
+        self._arrived = asyncio.Event()
+        self._received: dict[int, int] = {}  # chunk index -> checksum, written or queued
+        self._end_header: Mapping[str, Any] = {}
+        self._taken = False
+        self.on_done: Callable[[IncomingTransfer, bool], None] | None = None
+
+    def _check_header(self, header: Mapping[str, Any]) -> TensorwireError | None:
+        if self.kind == STATE_DICT:
+            try:
+                self.manifest = Manifest.from_header(header.get("manifest"))
+            except ManifestError as error:
+                self._link.reset_stream(self.stream_id, "bad_manifest", str(error))
+                return error
+        elif self.kind != BYTES:
+            refusal = ManifestError(f"unknown stream kind {self.kind!r}")
+            self._link.reset_stream(self.stream_id, "bad_kind", str(refusal))
+            return refusal
+        return None
+
+    @property
+    def peer_node(self) -> str | None:
+        return self._link.remote_node
+
+    @property
+    def resumable(self) -> bool:
+        return self.transfer_id is not None and self.kind == STATE_DICT and self._refusal is None
+
+    # --- called by the link and the endpoint ---
+
+    def on_event(self, link: Link, event: sfm.Event) -> None:
+        if isinstance(event, sfm.DataReceived) and event.index in self._received:
+            _give_back(link, event)  # a re-sent chunk we already hold: drop it
+            return
+        if isinstance(event, sfm.DataReceived):
+            self._received[event.index] = event.checksum
+        self._events.append((link, event))
+        self._arrived.set()
+
+    def on_failed(self, link: Link, error: TensorwireError) -> None:
+        self._events.append((link, error))
+        self._arrived.set()
+
+    def reattach(self, link: Link, stream_id: int, header: Mapping[str, Any]) -> bool:
+        """The sender reopened this transfer on a new connection; False if it does not match."""
+        if header.get("manifest") != self._manifest_header or header.get("kind") != self.kind:
+            link.reset_stream(stream_id, "bad_manifest", "resumed with a different manifest")
+            return False
+        self._link, self.stream_id = link, stream_id
+        attempt = header.get("attempt", 0)
+        self.attempt = attempt if isinstance(attempt, int) else self.attempt
+        self._send_resume()
+        self._arrived.set()
+        return True
+
+    def _send_resume(self) -> None:
+        self._link.send_resume(self.stream_id, {"held": index_ranges(self._received)})
+
+    # --- application side ---
+
+    def reject(self, reason: str = "rejected by the receiver") -> None:
+        """Refuse the transfer; the sender sees a StreamResetError with `reason`."""
+        self._take()
+        self._link.reset_stream(self.stream_id, "rejected", reason)
+        self._finish(ok=False)
+
+    async def receive_into(self, sink: Sink) -> Any:
+        """Place every chunk with `sink`; return `sink.commit()` once the transfer checked out."""
+        manifest = self._require_state_dict()
+        self._take()
+        chunks = plan_chunks(manifest)
+        try:
+            self._resume_from(sink, manifest)
+            sink.open(manifest)
+            await self._write_all(sink, manifest, chunks)
+            self._verify_whole(len(chunks))
+        except BaseException as error:
+            sink.abort(error)
+            self._link.reset_stream(self.stream_id, "receiver_failed", describe(error))
+            self._finish(ok=False)
+            raise
+        result = sink.commit()
+        self._finish(ok=True)
+        return result
+
+    async def settle_duplicate(self, chunks: int) -> None:
+        """The sender reopened a transfer that already completed here (it lost our final ACK):
+        say we hold every chunk and take its END, without announcing the transfer again."""
+        self._take()
+        self._link.send_resume(self.stream_id, {"held": [[0, chunks]] if chunks else []})
+        with contextlib.suppress(TensorwireError):
+            async for link, event in self._data_events():
+                _give_back(link, event)
+        self._link.finished_incoming(self.stream_id)
+
+    @property
+    def held_count(self) -> int:
+        """How many chunks this side holds."""
+        return len(self._received)
+
+    def _resume_from(self, sink: Sink, manifest: Manifest) -> None:
+        """Merge what a persisting sink kept from an earlier process; tell the sender if needed."""
+        held = (
+            sink.resume(self.transfer_id, manifest) if self.resumable and self.transfer_id else {}
+        )
+        self._received.update(held)
+        if self.resumable and (self.attempt > 0 or held):
+            self._send_resume()
+
+    async def _write_all(self, sink: Sink, manifest: Manifest, chunks: list[Chunk]) -> None:
+        inline = getattr(sink, "inline_writes", False)
+        async for link, event in self._data_events():
+            if event.index >= len(chunks):
+                raise PayloadError(f"chunk index {event.index} beyond the plan's {len(chunks)}")
+            chunk = chunks[event.index]
+            pieces = decode_chunk(manifest, chunk, event.payload)
+            if inline:
+                sink.write(chunk, pieces)
+            else:
+                await asyncio.to_thread(sink.write, chunk, pieces)
+            sink.record(chunk.index, event.checksum)
+            _give_back(link, event)
+
+    def _verify_whole(self, expected_chunks: int) -> None:
+        """Every planned chunk arrived once, and the digest over all of them is the sender's."""
+        if len(self._received) != expected_chunks:
+            raise IntegrityError(
+                f"transfer {self.transfer_id}: {len(self._received)} of {expected_chunks} chunks "
+                "arrived before END"
+            )
+        expected = self._end_header.get("transfer_digest")
+        if expected is not None and expected != transfer_digest(self._received):
+            computed = transfer_digest(self._received)
+            raise DigestMismatchError(
+                f"transfer {self.transfer_id}: digest over all chunks {computed} != the "
+                f"sender's {expected}"
+            )
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        """Blocks of a byte stream, in order; each view is valid until the next one is asked for."""
+        if self.kind != BYTES:
+            raise StreamStateError(f"stream {self.stream_id} carries a {self.kind}, not bytes")
+        self._take()
+        ok = False
+        try:
+            async for link, event in self._data_events():
+                try:
+                    yield memoryview(event.payload)
+                finally:
+                    _give_back(link, event)
+            ok = True
+        finally:
+            self._finish(ok=ok)
+
+    async def receive_to_file(self, path: str | os.PathLike[str]) -> Path:
+        """Write a byte stream to `path` (through `path.partial`, renamed once verified)."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            handle = await asyncio.to_thread(open, partial, "wb")
+            with handle:
+                async for block in self:
+                    await asyncio.to_thread(handle.write, block)
+                await asyncio.to_thread(os.fsync, handle.fileno())
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(target)
+        return target
+
+    # --- the event queue ---
+
+    async def _data_events(self) -> AsyncIterator[tuple[Link, sfm.DataReceived]]:
+        """DATA events in arrival order until END (verified by sfm) or an error."""
+        while True:
+            link, item = await self._next_item()
+            if isinstance(item, TransportError) and self.resumable and link is self._link:
+                await self._await_reattach(link, item)
+            elif isinstance(item, TensorwireError):
+                if link is self._link:
+                    raise item
+            elif isinstance(item, sfm.DataReceived):
+                yield link, item
+            elif isinstance(item, sfm.StreamEnded) and link is self._link:
+                self._end_header = item.header
+                return
+            elif isinstance(item, sfm.StreamFailed) and link is self._link:
+                raise item.error
+
+    async def _next_item(self) -> tuple[Link, _Item]:
+        while not self._events:
+            self._arrived.clear()
+            await self._link.wait_progress(self._arrived, f"data on stream {self.stream_id}")
+        return self._events.popleft()
+
+    async def _await_reattach(self, lost: Link, error: TransportError) -> None:
+        """The connection dropped: wait up to idle_timeout for the sender to reopen the transfer."""
+        self._arrived.clear()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + lost.idle_timeout
+        while self._link is lost:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise IdleTimeoutError(
+                    f"transfer {self.transfer_id}: the sender did not come back within "
+                    f"{lost.idle_timeout:g} s after {error}"
+                ) from error
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                continue
+            self._arrived.clear()
+
+    def _require_state_dict(self) -> Manifest:
+        if self._refusal is not None:
+            raise self._refusal
+        if self.manifest is None:
+            raise StreamStateError(f"stream {self.stream_id} carries {self.kind}, not a state dict")
+        return self.manifest
+
+    def _take(self) -> None:
+        if self._taken:
+            raise StreamStateError(f"stream {self.stream_id} is already being received")
+        self._taken = True
+
+    def _finish(self, *, ok: bool) -> None:
+        self._link.finished_incoming(self.stream_id)
+        if self.on_done is not None:
+            self.on_done(self, ok)
+
+
+def _give_back(link: Link, event: sfm.DataReceived) -> None:
+    """The chunk's bytes are placed (or dropped): return its credit and its receive buffer."""
+    payload = memoryview(event.payload)
+    link.consumed(event.stream_id, payload.nbytes)
+    link.pool.release(payload.obj)
