@@ -57,3 +57,25 @@ def synthetic_sender(queue: Any, nbytes: int, url_queue: Any) -> None:
         }
 
     _run(queue, "sender", body)
+
+
+def restartable_file_receiver(queue: Any, path: str, port: int, delay_per_chunk: float) -> None:
+    """Receive one transfer into a safetensors file on a fixed port; optionally slowly, so the
+    test can kill this process mid-transfer and start another on the same port."""
+
+    async def body() -> dict[str, Any]:
+        from transport import Endpoint, SafetensorsFileSink
+
+        class SlowFileSink(SafetensorsFileSink):
+            def write(self, chunk: Any, pieces: Any) -> None:
+                time.sleep(delay_per_chunk)
+                super().write(chunk, pieces)
+
+        async with Endpoint(chunk_size=1 << 20, stream_window=4 << 20) as endpoint:
+            await endpoint.listen(f"tcp://127.0.0.1:{port}")
+            queue.put({"role": "receiver", "listening": True})
+            transfer = await anext(endpoint.incoming())
+            written = await transfer.receive_into(SlowFileSink(path))
+        return {"role": "receiver", "path": str(written)}
+
+    _run(queue, "receiver", body)
