@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline", action="store_true", help="also measure a plain uvloop socket"
     )
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "--cut-every",
+        type=parse_size,
+        default=None,
+        help="cut the connection after every N bytes (tcp, through a cutting proxy): resume test",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +71,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "overrides": overrides,
         "timeout": args.timeout,
+        "cut_every": getattr(args, "cut_every", None),
     }
 
 
@@ -85,6 +92,8 @@ def _summary(
         "chunk_size": sender["chunk_size"],
         "stream_window": sender["stream_window"],
         "chunks": receiver["chunks"],
+        "resumes": sender["resumes"],
+        "bytes_sent": sender["bytes_sent"],
     }
 
 
@@ -165,19 +174,35 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
             dtype=settings["dtype"],
             chunk_size=config.chunk_size,
         )
-        peer = await endpoint.connect(url)
+        proxy = await _cutting_proxy(url, settings) if settings.get("cut_every") else None
+        peer = await endpoint.connect(proxy[1] if proxy else url)
         sampler = RssSampler().start()
         started_at = time.time()
-        await peer.send_state_dict(source)
+        result = await peer.send_state_dict(source)
         sampler.stop()
+        if proxy:
+            await proxy[0].close()
     return {
         "role": "sender",
+        "resumes": result.resumes,
+        "bytes_sent": result.bytes_sent,
         "started_at": started_at,
         "peak_rss_mib": sampler.peak_above_baseline_mib,
         "rss_timeline": sampler.timeline,
         "chunk_size": config.chunk_size,
         "stream_window": config.stream_window,
     }
+
+
+async def _cutting_proxy(url: str, settings: dict[str, Any]) -> tuple[Any, str]:
+    """A proxy in front of `url` that cuts the connection every settings["cut_every"] bytes."""
+    from benchmarks.faults import CuttingProxy
+
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    every = settings["cut_every"]
+    proxy = CuttingProxy(host, int(port), range(every, settings["size"] + 1, every))
+    proxy_host, proxy_port = await proxy.start(host)
+    return proxy, f"tcp://{proxy_host}:{proxy_port}"
 
 
 # --- tensorwire, one process (memory driver) ------------------------------------------------------

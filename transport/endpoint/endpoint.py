@@ -53,6 +53,12 @@ class Endpoint:
         self._completed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunks
         self._tasks: set[asyncio.Task[None]] = set()
         self._request_handler: RequestHandler | None = None
+        # One pool for every connection, so a reconnect reuses the buffers the dropped connection
+        # had touched instead of faulting in fresh pages (and growing RSS) each time.
+        buffer_size = self.config.chunk_size + CHUNK_HEADER_ROOM
+        self._pool = BufferPool(
+            buffer_size, max_idle=self.config.connection_window // buffer_size + 2
+        )
 
     async def __aenter__(self) -> Endpoint:
         return self
@@ -140,11 +146,9 @@ class Endpoint:
 
     def _new_link(self, *, is_initiator: bool) -> Link:
         config = self.config
-        buffer_size = config.chunk_size + CHUNK_HEADER_ROOM
-        pool = BufferPool(buffer_size, max_idle=config.stream_window // buffer_size + 2)
         link = Link(
             config.protocol_config(is_initiator=is_initiator),
-            pool,
+            self._pool,
             idle_timeout=config.idle_timeout,
             heartbeat_interval=config.heartbeat_interval,
             on_open=self._opened,
