@@ -9,7 +9,7 @@ from transport import sfm
 from transport.drivers import TLSConfig
 from transport.exceptions import ConfigError
 from transport.payload import DEFAULT_CHUNK_SIZE
-from transport.wire import DEFAULT_LIMITS, Limits
+from transport.wire import DEFAULT_LIMITS, PREFIX_SIZE, Limits
 
 # The safetensors header of a chunk is small, but a chunk of many tiny tensors carries one JSON
 # entry per tensor; credit and buffers leave this much room above chunk_size for it.
@@ -35,7 +35,16 @@ class EndpointConfig:
     reconnect_initial_delay: float = 0.05
     reconnect_max_delay: float = 5.0
     tls: TLSConfig | None = None
-    limits: Limits = DEFAULT_LIMITS
+    # Identity. A client may present a token (sent only under TLS); a server may accept only
+    # known tokens and/or only the certificate identities (subject CN) it lists. None = anyone the
+    # transport let in (under mutual TLS: anyone with a certificate from the trusted CA).
+    token: str | None = None
+    auth_tokens: frozenset[str] | None = None
+    allowed_identities: frozenset[str] | None = None
+    # Hostile-peer bounds: connections held at once, and the time a new one has to say hello.
+    max_connections: int = 1024
+    hello_timeout: float = 10.0
+    limits: Limits | None = None  # None: derived from chunk_size (see frame_limits)
 
     def __post_init__(self) -> None:
         room = self.chunk_size + CHUNK_HEADER_ROOM
@@ -46,7 +55,14 @@ class EndpointConfig:
                 f"stream_window ({self.stream_window}) and connection_window "
                 f"({self.connection_window}) must hold one chunk plus its header ({room} bytes)"
             )
-        for name in ("idle_timeout", "reconnect_initial_delay", "reconnect_max_delay"):
+        if self.max_connections <= 0:
+            raise ConfigError(f"max_connections must be positive, got {self.max_connections}")
+        for name in (
+            "idle_timeout",
+            "reconnect_initial_delay",
+            "reconnect_max_delay",
+            "hello_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -56,7 +72,20 @@ class EndpointConfig:
             stream_window=self.stream_window,
             connection_window=self.connection_window,
             max_streams=self.max_streams,
-            limits=self.limits,
+            limits=self.frame_limits,
+        )
+
+    @property
+    def frame_limits(self) -> Limits:
+        """No frame may be larger than a chunk plus its header room: anything bigger could
+        never fit the credit window, and refusing it at the length field means a hostile peer
+        cannot make us allocate more than a chunk per connection."""
+        if self.limits is not None:
+            return self.limits
+        payload = self.chunk_size + CHUNK_HEADER_ROOM
+        header = DEFAULT_LIMITS.max_header
+        return Limits(
+            max_header=header, max_payload=payload, max_frame=PREFIX_SIZE + header + payload
         )
 
     def replace(self, **changes: object) -> EndpointConfig:

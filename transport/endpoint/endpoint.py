@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from hmac import compare_digest
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +27,7 @@ from transport.endpoint.link import Link
 from transport.endpoint.peer import Peer
 from transport.endpoint.pool import BufferPool
 from transport.endpoint.receiving import IncomingTransfer
+from transport.exceptions import ConfigError
 from transport.wire import Buffer
 
 # Completed transfers remembered so that a sender which lost our final ACK and reopens one is
@@ -96,8 +98,17 @@ class Endpoint:
         except BaseException:
             self._links.discard(link)
             raise
-        link.attach(driver_connection)
+        link.attach(driver_connection, self._hello(url))
         return link
+
+    def _hello(self, url: str) -> dict[str, Any]:
+        """What we say in HELLO: our token, only where TLS (or the process) keeps it private."""
+        token = self.config.token
+        if token is None:
+            return {}
+        if self.config.tls is None and not url.startswith("memory:"):
+            raise ConfigError(f"refusing to send the auth token to {url} without TLS")
+        return {"token": token}
 
     async def incoming(self) -> AsyncIterator[IncomingTransfer]:
         """Every transfer any peer opens to this endpoint, in arrival order (a transfer resumed
@@ -124,13 +135,33 @@ class Endpoint:
     # --- links ---------------------------------------------------------------------------------
 
     def _accept(self, driver_connection: DriverConnection) -> Link:
+        held = len(self._links)
         link = self._new_link(is_initiator=False)
         link.on_hello = self._greeted
-        link.attach(driver_connection)
+        link.attach(driver_connection, hello_timeout=self.config.hello_timeout)
+        if held >= self.config.max_connections:
+            link.refuse("busy", f"this endpoint holds its limit of {held} connections")
         return link
 
+    def _refusal(self, link: Link) -> str | None:
+        """Why an accepted peer may not stay (its token or certificate identity), or None."""
+        config = self.config
+        token = link.remote_hello.get("token")
+        if config.auth_tokens is not None and not (
+            isinstance(token, str) and any(compare_digest(token, t) for t in config.auth_tokens)
+        ):
+            return "no valid auth token"
+        identity = link.peer.peer_identity if link.peer else None
+        if config.allowed_identities is not None and identity not in config.allowed_identities:
+            return f"certificate identity {identity!r} is not allowed"
+        return None
+
     def _greeted(self, link: Link) -> None:
-        """An accepted connection said hello: a new peer, or a known one coming back."""
+        """An accepted connection said hello: refuse it, or a new peer, or a known one back."""
+        refusal = self._refusal(link)
+        if refusal is not None:
+            link.refuse("unauthorized", refusal)
+            return
         peer_info = link.peer
         identity = (peer_info.peer_identity or "" if peer_info else "", link.remote_node or "")
         known = self._peers_by_identity.get(identity) if identity[1] else None

@@ -56,6 +56,8 @@ _PROGRESS_EVENTS = (
     sfm.ResponseReceived,
 )
 
+_NEW_WORK_EVENTS = (sfm.StreamOpened, sfm.RequestReceived)
+
 
 class _SendSlot:
     """What a sending stream waits on: credit, or the error that ends it."""
@@ -105,10 +107,11 @@ class Link:
         self._receiving: dict[int, IncomingTransfer] = {}
         self._responses: dict[int, asyncio.Future[tuple[Mapping[str, Any], bytes]]] = {}
         self._loop = asyncio.get_running_loop()
-        self.last_progress = self._loop.time()
+        self.last_progress = self.last_received = self._loop.time()
         self.error: TensorwireError | None = None
         self.closed = asyncio.Event()
         self.remote_node: str | None = None
+        self.remote_hello: Mapping[str, Any] = {}
         self.bytes_in = 0
         self.bytes_out = 0
         self.on_closed: Callable[[Link], None] | None = None
@@ -116,13 +119,38 @@ class Link:
 
     # --- life cycle ----------------------------------------------------------------------------
 
-    def attach(self, driver: DriverConnection) -> None:
-        """Bind the driver connection, say hello and start heartbeats."""
+    def attach(
+        self,
+        driver: DriverConnection,
+        hello: Mapping[str, Any] | None = None,
+        hello_timeout: float | None = None,
+    ) -> None:
+        """Bind the driver connection, say hello and start heartbeats.
+
+        With `hello_timeout`, a peer that has not said hello by then is dropped (a connection
+        that connects and stalls must not hold a slot for long).
+        """
         self._driver = driver
-        self._protocol.send_hello({"protocol": 1, "node": self._node_id})
+        self._protocol.send_hello({**(hello or {}), "protocol": 1, "node": self._node_id})
         self._schedule_flush()
         if self._heartbeat_interval > 0:
             self._spawn(self._heartbeat())
+        if hello_timeout is not None:
+            self._spawn(self._require_hello(hello_timeout))
+
+    async def _require_hello(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self.remote_node is None and self.error is None:
+            self.refuse("hello_timeout", f"no HELLO within {seconds:g} s")
+
+    def refuse(self, code: str, reason: str) -> None:
+        """Drop this connection for cause: tell the peer why (GOAWAY), then abort."""
+        log.warning("refusing peer %s: %s", self._peer_name(), reason)
+        if not self._protocol.closed and self.error is None:
+            with contextlib.suppress(TensorwireError):
+                self._protocol.close(code, reason)
+        self._fail(ConnectionClosedError(f"refused peer {self._peer_name()}: {reason}"))
+        self._spawn(self._flush_then_abort())
 
     @property
     def stream_window(self) -> int:
@@ -174,6 +202,7 @@ class Link:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_in += nbytes
+        self.last_received = self._loop.time()
         try:
             self._protocol.buffer_updated(nbytes)
         except ProtocolError as error:
@@ -224,6 +253,8 @@ class Link:
         for event in self._protocol.events_received():
             if isinstance(event, _PROGRESS_EVENTS):
                 self.last_progress = self._loop.time()
+            if self.error is not None and isinstance(event, _NEW_WORK_EVENTS):
+                continue  # a refused or failed peer opens nothing, asks nothing
             self._route(event)
         self._schedule_flush()
 
@@ -247,6 +278,7 @@ class Link:
         elif isinstance(event, sfm.ResponseReceived):
             self._resolve(event)
         elif isinstance(event, sfm.HelloReceived):
+            self.remote_hello = event.header
             self.remote_node = str(event.header.get("node", "")) or None
             if self.on_hello is not None:
                 self.on_hello(self)
@@ -276,7 +308,11 @@ class Link:
         slot.resumed.set()
 
     def _open_incoming(self, event: sfm.StreamOpened) -> None:
-        transfer = self._on_open(self, event.stream_id, event.header)
+        try:
+            transfer = self._on_open(self, event.stream_id, event.header)
+        except ProtocolError as error:  # e.g. a manifest announcing absurd sizes
+            self._protocol_failed(error)
+            return
         if transfer is not None:
             self._receiving[event.stream_id] = transfer
 
@@ -333,9 +369,16 @@ class Link:
                 await asyncio.wait_for(event.wait(), remaining)
 
     async def _heartbeat(self) -> None:
+        """Ping so middleboxes see traffic; drop a peer that sent nothing (not even a PONG) for
+        idle_timeout: it is gone, whatever the socket says."""
         while self.error is None:
             await asyncio.sleep(self._heartbeat_interval)
-            if self.error is None and not self._protocol.closed:
+            silent = self._loop.time() - self.last_received
+            if silent > self.idle_timeout and self.error is None:
+                self._fail(IdleTimeoutError(f"peer {self._peer_name()} silent for {silent:.0f} s"))
+                if self._driver is not None:
+                    self._driver.abort()
+            elif self.error is None and not self._protocol.closed:
                 self._protocol.send_ping()
                 self._schedule_flush()
 

@@ -59,7 +59,7 @@ class IncomingTransfer:
         self.attempt = attempt if isinstance(attempt, int) else 0
         self.manifest: Manifest | None = None
         self._manifest_header = header.get("manifest")
-        self._refusal = self._check_header(header)
+        self._check_header(header)
         self._events: deque[tuple[Link, _Item]] = deque()
         self._arrived = asyncio.Event()
         self._received: dict[int, int] = {}  # chunk index -> checksum, written or queued
@@ -67,18 +67,13 @@ class IncomingTransfer:
         self._taken = False
         self.on_done: Callable[[IncomingTransfer, bool], None] | None = None
 
-    def _check_header(self, header: Mapping[str, Any]) -> TensorwireError | None:
+    def _check_header(self, header: Mapping[str, Any]) -> None:
+        """Validate what the peer announced before anything is allocated; a ManifestError here
+        is the peer's protocol breach (the link disconnects it)."""
         if self.kind == STATE_DICT:
-            try:
-                self.manifest = Manifest.from_header(header.get("manifest"))
-            except ManifestError as error:
-                self._link.reset_stream(self.stream_id, "bad_manifest", str(error))
-                return error
+            self.manifest = Manifest.from_header(header.get("manifest"))
         elif self.kind != BYTES:
-            refusal = ManifestError(f"unknown stream kind {self.kind!r}")
-            self._link.reset_stream(self.stream_id, "bad_kind", str(refusal))
-            return refusal
-        return None
+            raise ManifestError(f"unknown stream kind {self.kind!r}")
 
     @property
     def peer_node(self) -> str | None:
@@ -86,7 +81,7 @@ class IncomingTransfer:
 
     @property
     def resumable(self) -> bool:
-        return self.transfer_id is not None and self.kind == STATE_DICT and self._refusal is None
+        return self.transfer_id is not None and self.kind == STATE_DICT
 
     # --- called by the link and the endpoint ---
 
@@ -274,8 +269,6 @@ class IncomingTransfer:
             self._arrived.clear()
 
     def _require_state_dict(self) -> Manifest:
-        if self._refusal is not None:
-            raise self._refusal
         if self.manifest is None:
             raise StreamStateError(f"stream {self.stream_id} carries {self.kind}, not a state dict")
         return self.manifest
