@@ -112,6 +112,7 @@ class Link:
         self.closed = asyncio.Event()
         self.remote_node: str | None = None
         self.remote_hello: Mapping[str, Any] = {}
+        self._discard = memoryview(bytearray(64 * 1024))
         self.bytes_in = 0
         self.bytes_out = 0
         self.on_closed: Callable[[Link], None] | None = None
@@ -149,7 +150,7 @@ class Link:
         if not self._protocol.closed and self.error is None:
             with contextlib.suppress(TensorwireError):
                 self._protocol.close(code, reason)
-        self._fail(ConnectionClosedError(f"refused peer {self._peer_name()}: {reason}"))
+        self._fail(ConnectionClosedError(f"refused peer {self._peer_name()}: {code}: {reason}"))
         self._spawn(self._flush_then_abort())
 
     @property
@@ -198,9 +199,17 @@ class Link:
     # --- driver callbacks (ByteReceiver) -------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._protocol.get_buffer(sizehint)
+        if self.error is None:
+            try:
+                return self._protocol.get_buffer(sizehint)
+            except ProtocolError as error:
+                self._protocol_failed(error)
+        # A failed link drains what still arrives while its GOAWAY is flushed, then aborts.
+        return self._discard
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.error is not None:
+            return
         self.bytes_in += nbytes
         self.last_received = self._loop.time()
         try:
@@ -303,7 +312,7 @@ class Link:
         try:
             slot.held |= parse_index_ranges(event.header.get("held"), slot.chunk_limit)
         except ProtocolError as error:
-            self._protocol_failed(error)
+            self.refuse(type(error).__name__, str(error))
             return
         slot.resumed.set()
 
@@ -311,7 +320,7 @@ class Link:
         try:
             transfer = self._on_open(self, event.stream_id, event.header)
         except ProtocolError as error:  # e.g. a manifest announcing absurd sizes
-            self._protocol_failed(error)
+            self.refuse(type(error).__name__, str(error))
             return
         if transfer is not None:
             self._receiving[event.stream_id] = transfer

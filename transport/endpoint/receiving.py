@@ -29,6 +29,7 @@ from transport.exceptions import (
     IntegrityError,
     ManifestError,
     PayloadError,
+    ProtocolError,
     StreamStateError,
     TensorwireError,
     TransportError,
@@ -133,7 +134,10 @@ class IncomingTransfer:
             self._verify_whole(len(chunks))
         except BaseException as error:
             sink.abort(error)
-            self._link.reset_stream(self.stream_id, "receiver_failed", describe(error))
+            if isinstance(error, ProtocolError):  # e.g. a chunk that does not match the plan
+                self._link.refuse(type(error).__name__, str(error))
+            else:
+                self._link.reset_stream(self.stream_id, "receiver_failed", describe(error))
             self._finish(ok=False)
             raise
         result = sink.commit()
