@@ -366,9 +366,12 @@ class Link:
     # --- waiting -------------------------------------------------------------------------------
 
     async def wait_progress(self, event: asyncio.Event, what: str) -> None:
-        """Wait for `event`; fail only if nothing moved on the link for idle_timeout."""
+        """Wait for `event`; fail only if nothing moved on the link for idle_timeout (counted
+        from the start of this wait at the earliest: an idle spell before it does not count)."""
+        started = self._loop.time()
         while not event.is_set():
-            remaining = self.last_progress + self.idle_timeout - self._loop.time()
+            moved = max(started, self.last_progress)
+            remaining = moved + self.idle_timeout - self._loop.time()
             if remaining <= 0:
                 raise IdleTimeoutError(
                     f"nothing moved for {self.idle_timeout:g} s while waiting for {what} "
