@@ -230,8 +230,11 @@ async def test_listener_reports_its_real_url(under_test: DriverUnderTest) -> Non
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
-        ("ftp://example.org:21", "unknown scheme 'ftp'; known schemes: memory, tcp, tcps"),
-        ("localhost:7000", "no scheme; known schemes: memory, tcp, tcps"),
+        (
+            "ftp://example.org:21",
+            "unknown scheme 'ftp'; known schemes: grpc, grpcs, http, https, memory, tcp, tcps",
+        ),
+        ("localhost:7000", "no scheme; known schemes: grpc, grpcs, http, https, memory, tcp, tcps"),
     ],
 )
 def test_unknown_scheme_is_a_config_error_listing_known_schemes(url: str, complaint: str) -> None:

@@ -65,7 +65,7 @@ def test_parse_host_port_url_accepts_ipv6_and_names() -> None:
 
 
 def test_registry_knows_the_built_in_schemes() -> None:
-    assert known_schemes() == ("memory", "tcp", "tcps")
+    assert known_schemes() == ("grpc", "grpcs", "http", "https", "memory", "tcp", "tcps")
     assert isinstance(driver_for("tcps://h:1"), TcpDriver)
     assert isinstance(driver_for("memory://m"), MemoryDriver)
 

@@ -3,8 +3,9 @@
     driver = driver_for("tcp://10.0.0.5:7000")
     conn = await driver.connect("tcp://10.0.0.5:7000", receiver)
 
-Built in: tcp, tcps (TcpDriver), memory (MemoryDriver). Other drivers (grpc, http) join the
-registry with `register_driver`.
+Built in: tcp, tcps (TcpDriver), grpc, grpcs (GrpcDriver: one bidirectional gRPC stream per
+connection), http, https (HttpDriver: one full-duplex streaming POST per connection on aiohttp),
+memory (MemoryDriver, in-process). Another driver joins the registry with `register_driver`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from transport.drivers.base import (
     TLSConfig,
     map_exceptions,
 )
+from transport.drivers.grpc import GrpcDriver, GrpcOptions
+from transport.drivers.http import HttpDriver, HttpOptions
 from transport.drivers.memory import MemoryDriver
 from transport.drivers.tcp import TcpDriver, TcpOptions
 from transport.exceptions import ConfigError
@@ -30,6 +33,10 @@ __all__ = [
     "ByteReceiver",
     "Driver",
     "DriverConnection",
+    "GrpcDriver",
+    "GrpcOptions",
+    "HttpDriver",
+    "HttpOptions",
     "Listener",
     "MemoryDriver",
     "PeerInfo",
@@ -67,4 +74,6 @@ def driver_for(url: str) -> Driver:
 
 
 register_driver(TcpDriver())
+register_driver(GrpcDriver())
+register_driver(HttpDriver())
 register_driver(MemoryDriver())
