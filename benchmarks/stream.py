@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.probes import MIB, RssSampler, parse_size, run_children
 
-DRIVERS = ("tcp", "memory")
+DRIVERS = ("tcp", "grpc", "http", "memory")
 _HOST = "127.0.0.1"
 
 

@@ -193,3 +193,11 @@ async def test_concurrent_streams_both_directions(listen_url) -> None:
             )
             got = await to_server + await to_client
     assert sorted(float(d["x"][0]) for d in got) == [float(i) for i in range(6)]
+
+
+async def test_a_chunk_larger_than_the_peer_window_is_a_clear_error(pair) -> None:
+    from transport import ConfigError
+
+    _, _, peer = pair
+    with pytest.raises(ConfigError, match="can never fit the peer's stream window"):
+        await peer.send_state_dict(SyntheticSource(16 << 20, chunk_size=8 << 20))

@@ -15,7 +15,7 @@ from transport.drivers import driver_for
 from transport.wire import Frame, FrameParser, FrameType, encode_frame
 
 MIB = 1 << 20
-DRIVERS = ["memory", "tcp"]
+DRIVERS = ["memory", "tcp", "grpc", "http"]
 SERVER_SETTINGS = {
     "chunk_size": MIB,
     "stream_window": 4 * MIB,

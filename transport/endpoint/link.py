@@ -23,6 +23,7 @@ from transport.drivers import DriverConnection, PeerInfo
 from transport.endpoint.pool import BufferPool
 from transport.endpoint.sending import parse_index_ranges
 from transport.exceptions import (
+    ConfigError,
     ConnectionClosedError,
     IdleTimeoutError,
     ProtocolError,
@@ -71,6 +72,8 @@ class _SendSlot:
         self.error: TensorwireError | None = None
 
     def fail(self, error: TensorwireError) -> None:
+        if self.completed.is_set() and self.error is None:
+            return  # the peer already confirmed the stream: a later connection loss is moot
         self.error = self.error or error
         self.credit.set()
         self.completed.set()
@@ -164,12 +167,17 @@ class Link:
         return self._driver.peer if self._driver else None
 
     async def close(self) -> None:
-        """Say goodbye, flush what is queued and close the driver connection."""
-        if self.error is None and not self._protocol.closed:
+        """Say goodbye, flush what is queued and close the driver connection.
+
+        Waiters are woken first (with ConnectionClosedError), so nothing blocked on credit
+        outlives the close; then the GOAWAY gets up to idle_timeout to go out."""
+        was_open = self.error is None
+        if was_open and not self._protocol.closed:
             self._protocol.close("normal", "closing")
-            with contextlib.suppress(TensorwireError):
-                await self.flush()
         self._fail(ConnectionClosedError("connection closed locally"))
+        if was_open:
+            with contextlib.suppress(TensorwireError, TimeoutError):
+                await asyncio.wait_for(self.flush(force=True), self.idle_timeout)
         if self._driver is not None:
             await self._driver.close()
         for task in list(self._tasks):
@@ -418,6 +426,11 @@ class Link:
         self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int
     ) -> int:
         """Send one DATA frame once the peer's credit allows it; return its checksum."""
+        if nbytes > self.stream_window:
+            raise ConfigError(
+                f"a chunk of {nbytes} bytes can never fit the peer's stream window of "
+                f"{self.stream_window} bytes: use a smaller chunk_size"
+            )
         slot = self._sending[stream_id]
         while True:
             if slot.error is not None:

@@ -11,6 +11,7 @@ and no duplicate, whatever the number of connections it took.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import deque
@@ -151,12 +152,19 @@ async def send_source(
     header = {"kind": STATE_DICT, "manifest": manifest.to_header(), "meta": dict(meta or {})}
     transfer = _Transfer(transfer_id or uuid.uuid4().hex, header, plan_chunks(manifest))
     link = await peer.live_link()
+    loop = asyncio.get_running_loop()
+    progressed_at, sent_before = loop.time(), 0
     while True:
         try:
             stream_id = await _attempt(link, source, manifest, transfer)
             break
         except TransportError as error:
-            if isinstance(error, IdleTimeoutError):
+            if transfer.bytes_sent > sent_before:
+                progressed_at, sent_before = loop.time(), transfer.bytes_sent
+            # Connections that open and die at once (a peer refusing our certificate after the
+            # handshake, say) must not be retried forever: the one timeout applies across them.
+            stalled = loop.time() - progressed_at > link.idle_timeout
+            if isinstance(error, IdleTimeoutError) or stalled:
                 raise
             link = await peer.recover(link, error)
             transfer.attempt += 1
