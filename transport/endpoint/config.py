@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from transport import sfm
+from transport.codecs import CompressionMode, CompressionPolicy
 from transport.drivers import TLSConfig
 from transport.exceptions import ConfigError
 from transport.payload import DEFAULT_CHUNK_SIZE
@@ -41,6 +42,11 @@ class EndpointConfig:
     token: str | None = None
     auth_tokens: frozenset[str] | None = None
     allowed_identities: frozenset[str] | None = None
+    # Lossless compression of chunks: "auto" compresses when the measured link is slower than
+    # the codec (it is on slow WAN links, not on loopback); "on", "off"; zstd level; threads.
+    compression: str = "auto"
+    compression_level: int = 1
+    compression_threads: int = 2
     # Hostile-peer bounds: connections held at once, and the time a new one has to say hello.
     max_connections: int = 1024
     hello_timeout: float = 10.0
@@ -54,6 +60,12 @@ class EndpointConfig:
             raise ConfigError(
                 f"stream_window ({self.stream_window}) and connection_window "
                 f"({self.connection_window}) must hold one chunk plus its header ({room} bytes)"
+            )
+        if self.compression not in ("auto", "on", "off"):
+            raise ConfigError(f"compression must be auto, on or off, got {self.compression!r}")
+        if self.compression_threads <= 0:
+            raise ConfigError(
+                f"compression_threads must be positive, got {self.compression_threads}"
             )
         if self.max_connections <= 0:
             raise ConfigError(f"max_connections must be positive, got {self.max_connections}")
@@ -87,6 +99,11 @@ class EndpointConfig:
         return Limits(
             max_header=header, max_payload=payload, max_frame=PREFIX_SIZE + header + payload
         )
+
+    def compression_policy(self) -> CompressionPolicy:
+        """A fresh policy (one per transfer: each measures its own link and data)."""
+        mode: CompressionMode = self.compression  # type: ignore[assignment]
+        return CompressionPolicy(mode, self.compression_level, threads=self.compression_threads)
 
     def replace(self, **changes: object) -> EndpointConfig:
         fields = {name: getattr(self, name) for name in EndpointConfig.__dataclass_fields__}

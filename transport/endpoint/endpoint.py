@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from hmac import compare_digest
 from types import TracebackType
 from typing import Any
@@ -55,6 +56,11 @@ class Endpoint:
         self._completed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunks
         self._tasks: set[asyncio.Task[None]] = set()
         self._request_handler: RequestHandler | None = None
+        self.codec_pool: ThreadPoolExecutor | None = (
+            None
+            if self.config.compression == "off"
+            else ThreadPoolExecutor(self.config.compression_threads, "tensorwire-codec")
+        )
         # One pool for every connection, so a reconnect reuses the buffers the dropped connection
         # had touched instead of faulting in fresh pages (and growing RSS) each time.
         buffer_size = self.config.chunk_size + CHUNK_HEADER_ROOM
@@ -131,6 +137,8 @@ class Endpoint:
             peer._closing = True
         await asyncio.gather(*(link.close() for link in list(self._links)), return_exceptions=True)
         self._links.clear()
+        if self.codec_pool is not None:
+            self.codec_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- links ---------------------------------------------------------------------------------
 

@@ -149,8 +149,13 @@ class Link:
 
     def refuse(self, code: str, reason: str) -> None:
         """Drop this connection for cause: tell the peer why (GOAWAY), then abort."""
+        if self.error is not None:
+            return  # already failing: its own GOAWAY is on the way
         log.warning("refusing peer %s: %s", self._peer_name(), reason)
-        if not self._protocol.closed and self.error is None:
+        # Whatever the protocol queued in answer to the refused peer's frames (the ACK of a
+        # stream it opened in the same read as its hello, say) must not reach it: only GOAWAY.
+        self._protocol.data_to_send()
+        if not self._protocol.closed:
             with contextlib.suppress(TensorwireError):
                 self._protocol.close(code, reason)
         self._fail(ConnectionClosedError(f"refused peer {self._peer_name()}: {code}: {reason}"))
@@ -423,7 +428,13 @@ class Link:
         return slot.held
 
     async def send_chunk(
-        self, stream_id: int, index: int, parts: Sequence[Buffer], nbytes: int
+        self,
+        stream_id: int,
+        index: int,
+        parts: Sequence[Buffer],
+        nbytes: int,
+        header: Mapping[str, Any] | None = None,
+        flags: int = 0,
     ) -> int:
         """Send one DATA frame once the peer's credit allows it; return its checksum."""
         if nbytes > self.stream_window:
@@ -439,7 +450,7 @@ class Link:
                 break
             slot.credit.clear()
             await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
-        checksum = self._protocol.send_data(stream_id, index, parts)
+        checksum = self._protocol.send_data(stream_id, index, parts, header, flags)
         self.last_progress = self._loop.time()
         await self.flush()
         return checksum

@@ -81,7 +81,8 @@ class Peer:
             if isinstance(state_dict, Source)
             else StateDictSource(state_dict, chunk_size=chunk_size)
         )
-        return await send_source(self, source, meta, transfer_id)
+        codec = (self._endpoint.config.compression_policy(), self._endpoint.codec_pool)
+        return await send_source(self, source, meta, transfer_id, codec)
 
     async def send_file(
         self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None

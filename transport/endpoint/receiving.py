@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transport import sfm
+from transport.codecs import ChunkDecompressor
+from transport.endpoint.compression import blob_checksum, decompress
+from transport.endpoint.config import CHUNK_HEADER_ROOM
 from transport.endpoint.sending import BYTES, STATE_DICT, describe, index_ranges, transfer_digest
 from transport.exceptions import (
+    ChunkError,
     DigestMismatchError,
     IdleTimeoutError,
     IntegrityError,
@@ -35,6 +39,7 @@ from transport.exceptions import (
     TransportError,
 )
 from transport.payload import Chunk, Manifest, Sink, decode_chunk, plan_chunks
+from transport.wire import FrameFlags
 
 if TYPE_CHECKING:
     from transport.endpoint.link import Link
@@ -91,7 +96,11 @@ class IncomingTransfer:
             _give_back(link, event)  # a re-sent chunk we already hold: drop it
             return
         if isinstance(event, sfm.DataReceived):
-            self._received[event.index] = event.checksum
+            try:
+                self._received[event.index] = blob_checksum(event)
+            except ChunkError as error:
+                self._link.refuse(type(error).__name__, str(error))
+                return
         self._events.append((link, event))
         self._arrived.set()
 
@@ -170,16 +179,24 @@ class IncomingTransfer:
 
     async def _write_all(self, sink: Sink, manifest: Manifest, chunks: list[Chunk]) -> None:
         inline = getattr(sink, "inline_writes", False)
+        decompressor = ChunkDecompressor()
         async for link, event in self._data_events():
             if event.index >= len(chunks):
                 raise PayloadError(f"chunk index {event.index} beyond the plan's {len(chunks)}")
             chunk = chunks[event.index]
-            pieces = decode_chunk(manifest, chunk, event.payload)
-            if inline:
-                sink.write(chunk, pieces)
+            if event.flags & FrameFlags.COMPRESSED:
+                blob = link.pool.allocate(chunk.nbytes + CHUNK_HEADER_ROOM)
+                try:
+                    await asyncio.to_thread(
+                        _place, sink, decompressor, manifest, chunk, event, blob
+                    )
+                finally:
+                    link.pool.release(blob)
+            elif inline:
+                sink.write(chunk, decode_chunk(manifest, chunk, event.payload))
             else:
-                await asyncio.to_thread(sink.write, chunk, pieces)
-            sink.record(chunk.index, event.checksum)
+                await asyncio.to_thread(_place, sink, None, manifest, chunk, event, None)
+            sink.record(chunk.index, self._received[event.index])
             _give_back(link, event)
 
     def _verify_whole(self, expected_chunks: int) -> None:
@@ -286,6 +303,21 @@ class IncomingTransfer:
         self._link.finished_incoming(self.stream_id)
         if self.on_done is not None:
             self.on_done(self, ok)
+
+
+def _place(
+    sink: Sink,
+    decompressor: ChunkDecompressor | None,
+    manifest: Manifest,
+    chunk: Chunk,
+    event: sfm.DataReceived,
+    blob: bytearray | None,
+) -> None:
+    """In a worker thread: decompress (if it was), decode the chunk, let the sink write it."""
+    data = event.payload
+    if decompressor is not None and blob is not None:
+        data = decompress(decompressor, event, blob)
+    sink.write(chunk, decode_chunk(manifest, chunk, data))
 
 
 def _give_back(link: Link, event: sfm.DataReceived) -> None:

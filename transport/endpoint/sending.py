@@ -16,12 +16,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
 
+from transport.codecs import CompressionPolicy
+from transport.endpoint.compression import ChunkPipeline
 from transport.exceptions import IdleTimeoutError, ProtocolError, TransportError
 from transport.payload import Chunk, Manifest, Source, encode_chunk, plan_chunks
 from transport.sfm import StreamDigest
@@ -145,7 +148,11 @@ class _Transfer:
 
 
 async def send_source(
-    peer: Relinker, source: Source, meta: Mapping[str, Any] | None, transfer_id: str | None
+    peer: Relinker,
+    source: Source,
+    meta: Mapping[str, Any] | None,
+    transfer_id: str | None,
+    codec: tuple[CompressionPolicy, ThreadPoolExecutor | None],
 ) -> TransferResult:
     """Stream every chunk of `source`; resume after connection loss; return once verified."""
     manifest = source.manifest
@@ -156,7 +163,8 @@ async def send_source(
     progressed_at, sent_before = loop.time(), 0
     while True:
         try:
-            stream_id = await _attempt(link, source, manifest, transfer)
+            pipeline = ChunkPipeline(manifest, source, *codec)
+            stream_id = await _attempt(link, source, pipeline, transfer)
             break
         except TransportError as error:
             if transfer.bytes_sent > sent_before:
@@ -181,24 +189,28 @@ async def send_source(
     )
 
 
-async def _attempt(link: Link, source: Source, manifest: Manifest, transfer: _Transfer) -> int:
+async def _attempt(link: Link, source: Source, pipeline: ChunkPipeline, transfer: _Transfer) -> int:
     """One connection's worth of a transfer: open, skip what the receiver holds, send, end."""
     header = {**transfer.header, "transfer": transfer.transfer_id, "attempt": transfer.attempt}
     stream_id = link.open_stream(header)
     held = await link.resume_point(stream_id, len(transfer.chunks), wait=transfer.attempt > 0)
     in_flight = _InFlight(link.stream_window)
+    todo = [chunk for chunk in transfer.chunks if chunk.index not in held]
     try:
-        for chunk in transfer.chunks:
-            if chunk.index in held:
+        async for ready in pipeline.iterate(todo):
+            if ready.chunk.index in held:  # a RESUME arrived while it was being prepared
+                source.release(ready.chunk)
                 continue
-            parts = encode_chunk(manifest, chunk, source.chunk_views(chunk))
-            nbytes = sum(memoryview(part).nbytes for part in parts)
-            checksum = await link.send_chunk(stream_id, chunk.index, parts, nbytes)
-            transfer.checksums[chunk.index] = checksum
-            transfer.bytes_sent += chunk.nbytes
-            for delivered in in_flight.sent(chunk, nbytes):
+            started = time.perf_counter()
+            checksum = await link.send_chunk(
+                stream_id, ready.chunk.index, ready.parts, ready.nbytes, ready.header, ready.flags
+            )
+            pipeline.observe_link(ready.nbytes, time.perf_counter() - started)
+            transfer.checksums[ready.chunk.index] = ready.blob_checksum or checksum
+            transfer.bytes_sent += ready.chunk.nbytes
+            for delivered in in_flight.sent(ready.chunk, ready.nbytes):
                 source.release(delivered)
-        _fill_checksums(source, manifest, transfer)
+        _fill_checksums(source, source.manifest, transfer)
         end = {"transfer_digest": transfer_digest(transfer.checksums)}
         await link.end_stream(stream_id, end)
     except BaseException as error:

@@ -361,6 +361,10 @@ class SyntheticSource(Source):
     so every piece (at most chunk_size <= P bytes) is one contiguous slice: serving any amount of
     data costs P * 2 bytes of memory and no copy. The bytes depend on seed, dtype, tensor_bytes and
     P = max(pool_bytes, chunk_size); `materialize()` builds the same tensors for small sizes.
+
+    `values="bytes"` draws uniform random bytes (incompressible: a worst case for codecs);
+    `values="weights"` draws N(0, 0.02) numbers of the dtype, like trained layers, so compression
+    benchmarks see realistic data. Tensor starts are element-aligned in the pool either way.
     """
 
     def __init__(
@@ -372,8 +376,11 @@ class SyntheticSource(Source):
         tensor_bytes: int = 64 * 2**20,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pool_bytes: int = 32 * 2**20,
+        values: str = "bytes",
     ) -> None:
         self._check_arguments(total_bytes, dtype, tensor_bytes, pool_bytes)
+        if values not in ("bytes", "weights"):
+            raise PayloadError(f"values must be 'bytes' or 'weights', got {values!r}")
         itemsize = DTYPE_SIZES[dtype]
         full, rest = divmod(total_bytes, tensor_bytes)
         sizes = [tensor_bytes] * full + ([rest] if rest else [])
@@ -383,8 +390,9 @@ class SyntheticSource(Source):
         )
         self.manifest = _checked(Manifest(specs, chunk_size, {"synthetic_seed": str(seed)}))
         self.seed = seed
-        self.pool_size = max(pool_bytes, chunk_size)
-        random = np.random.Generator(np.random.PCG64(seed)).bytes(self.pool_size)
+        self._itemsize = itemsize
+        self.pool_size = -(-max(pool_bytes, chunk_size) // itemsize) * itemsize
+        random = _pool_bytes(self.pool_size, seed, dtype, values)
         self._pool = np.frombuffer(random * 2, dtype=np.uint8)
         self._pool_view = self._pool.data
 
@@ -408,7 +416,7 @@ class SyntheticSource(Source):
         digest = xxhash.xxh64_intdigest(
             position.to_bytes(8, "little"), seed=self.seed & (2**64 - 1)
         )
-        return int(digest % self.pool_size)
+        return int(digest % (self.pool_size // self._itemsize)) * self._itemsize
 
     def chunk_views(self, chunk: Chunk) -> list[memoryview]:
         """Slices of the doubled pool at each piece's derived offset; no per-byte cost."""
@@ -436,3 +444,13 @@ class SyntheticSource(Source):
             begin = (self._base(position) + start) % self.pool_size
             flat[start:stop] = self._pool[begin : begin + stop - start]
         return torch.from_numpy(flat).view(spec.torch_dtype).reshape(spec.shape)
+
+
+def _pool_bytes(size: int, seed: int, dtype: str, values: str) -> bytes:
+    """`size` bytes of uniform random bytes, or of N(0, 0.02) values of a floating `dtype`."""
+    torch_dtype = DTYPES[dtype]
+    if values == "bytes" or not torch_dtype.is_floating_point:
+        return np.random.Generator(np.random.PCG64(seed)).bytes(size)
+    generator = torch.Generator().manual_seed(seed)
+    numbers = torch.randn(size // DTYPE_SIZES[dtype], generator=generator) * 0.02
+    return numbers.to(torch_dtype).view(torch.uint8).numpy().tobytes()

@@ -1,0 +1,150 @@
+"""Compression on the data path: chunks are compressed in a small thread pool ahead of the socket
+and decompressed in a worker thread on arrival, when the policy says it shortens the transfer.
+
+zstd releases the GIL, so the pool really runs beside the event loop. The sender keeps a few
+chunks in preparation (one per thread, plus one), so the link never waits for the codec and
+memory stays bounded by the window plus those few chunks. In "auto" mode the policy compares the
+link's measured rate with the codec's measured speed and ratio and keeps deciding as they change;
+a chunk every `_RESAMPLE_EVERY` is compressed anyway so its estimates never go stale.
+
+Every chunk also gets a checksum of its *uncompressed* blob (the frame checksum when it travels
+raw, the codec header's xxh3 when compressed), so the digest over a whole transfer is the same
+whether or not, and however differently, its chunks were compressed across resumed attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from transport import sfm
+from transport.codecs import (
+    ChunkCompressor,
+    ChunkDecompressor,
+    CompressionPolicy,
+    segments_for_chunk,
+)
+from transport.exceptions import ChunkError
+from transport.payload import Chunk, Manifest, Source, encode_chunk
+from transport.wire import Buffer, FrameFlags
+
+_RESAMPLE_EVERY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChunk:
+    """A chunk ready for the wire: its parts, and how it was encoded."""
+
+    chunk: Chunk
+    parts: Sequence[Buffer]
+    nbytes: int  # payload bytes on the wire
+    header: Mapping[str, Any] | None  # frame header ({"codec": ...}) when compressed
+    flags: int
+    blob_checksum: int | None  # xxh3 of the uncompressed blob, when already known
+
+
+def _parts_size(parts: Sequence[Buffer]) -> int:
+    return sum(memoryview(part).nbytes for part in parts)
+
+
+class ChunkPipeline:
+    """Prepares the chunks of one attempt in order, compressing ahead in threads when it pays."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        source: Source,
+        policy: CompressionPolicy,
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self._manifest = manifest
+        self._source = source
+        self._policy = policy
+        self._pool = pool
+        self._compressors: dict[int, ChunkCompressor] = {}
+        self._counter = 0
+
+    def _should_compress(self) -> bool:
+        self._counter += 1
+        if self._pool is None or self._policy.mode == "off":
+            return False
+        return self._policy.decide() or self._counter % _RESAMPLE_EVERY == 0
+
+    def _compress(self, chunk: Chunk, parts: Sequence[Buffer]) -> PreparedChunk:
+        """Runs in a pool thread: compress one chunk with this thread's compressor."""
+        compressor = self._compressors.setdefault(
+            threading.get_ident(), ChunkCompressor(self._policy.level)
+        )
+        started = time.perf_counter()
+        codec, payload = compressor.compress(segments_for_chunk(self._manifest, chunk), parts)
+        seconds = time.perf_counter() - started
+        raw, stored = _parts_size(parts), _parts_size(payload)
+        self._policy.observe_codec(raw, stored, seconds)
+        checksum = int(str(codec["xxh3"]), 16)
+        return PreparedChunk(
+            chunk, payload, stored, {"codec": codec}, FrameFlags.COMPRESSED, checksum
+        )
+
+    def _raw(self, chunk: Chunk, parts: Sequence[Buffer]) -> PreparedChunk:
+        return PreparedChunk(chunk, parts, _parts_size(parts), None, 0, None)
+
+    async def iterate(self, chunks: Sequence[Chunk]) -> AsyncIterator[PreparedChunk]:
+        """Yield PreparedChunk in plan order, keeping up to threads + 1 in preparation."""
+        loop = asyncio.get_running_loop()
+        depth = (self._policy.threads + 1) if self._pool is not None else 1
+        pending: deque[asyncio.Future[PreparedChunk]] = deque()
+        position = 0
+        try:
+            while position < len(chunks) or pending:
+                while position < len(chunks) and len(pending) < depth:
+                    chunk = chunks[position]
+                    position += 1
+                    parts = encode_chunk(self._manifest, chunk, self._source.chunk_views(chunk))
+                    if self._should_compress():
+                        pending.append(
+                            asyncio.ensure_future(
+                                loop.run_in_executor(self._pool, self._compress, chunk, parts)
+                            )
+                        )
+                    else:
+                        done: asyncio.Future[PreparedChunk] = loop.create_future()
+                        done.set_result(self._raw(chunk, parts))
+                        pending.append(done)
+                yield await pending.popleft()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def observe_link(self, nbytes: int, seconds: float) -> None:
+        """How long the link took to take `nbytes` (credit wait + write): its rate."""
+        if seconds > 0 and nbytes > 0:
+            self._policy.observe_link_rate(nbytes, seconds)
+
+
+def blob_checksum(event: sfm.DataReceived) -> int:
+    """The checksum of the chunk's uncompressed blob, as the sender recorded it."""
+    if not event.flags & FrameFlags.COMPRESSED:
+        return event.checksum
+    codec = event.header.get("codec")
+    digest = codec.get("xxh3") if isinstance(codec, Mapping) else None
+    try:
+        return int(str(digest), 16)
+    except ValueError:
+        raise ChunkError(f"compressed chunk {event.index} has no valid codec xxh3") from None
+
+
+def decompress(
+    decompressor: ChunkDecompressor, event: sfm.DataReceived, out: bytearray
+) -> memoryview:
+    """The uncompressed blob of a compressed DATA event, in `out` (runs in a worker thread)."""
+    codec = event.header.get("codec")
+    if not isinstance(codec, Mapping):
+        raise ChunkError(f"compressed chunk {event.index} has no codec header")
+    size = decompressor.decompress_into(codec, event.payload, out)
+    return memoryview(out)[:size]
