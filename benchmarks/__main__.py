@@ -15,6 +15,7 @@ from typing import Any
 BENCHMARKS = {
     "codec": "frame serializer and parser throughput on 4 MiB payload frames",
     "stream": "stream a synthetic state dict between two processes over a driver",
+    "wan": "stream a synthetic state dict over an emulated WAN (network namespaces; needs root)",
     "compress": "per-chunk compression: ratio and MB/s, plain vs byte-grouped zstd",
 }
 

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--window", type=parse_size, default=None, help="per-stream credit window")
     parser.add_argument("--dtype", default="BF16")
+    add_data_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--baseline", action="store_true", help="also measure a plain uvloop socket"
@@ -57,8 +58,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the synthetic model holds and whether chunks are compressed (shared with wan)."""
+    parser.add_argument(
+        "--compression", choices=("auto", "on", "off"), default="auto", help="chunk compression"
+    )
+    parser.add_argument(
+        "--values",
+        choices=("bytes", "weights"),
+        default="bytes",
+        help="uniform random bytes (incompressible) or N(0, 0.02) weights of --dtype",
+    )
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"compression": getattr(args, "compression", "auto")}
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
     if args.window:
@@ -72,6 +86,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": overrides,
         "timeout": args.timeout,
         "cut_every": getattr(args, "cut_every", None),
+        "values": getattr(args, "values", "bytes"),
     }
 
 
@@ -173,6 +188,7 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
             seed=settings["seed"],
             dtype=settings["dtype"],
             chunk_size=config.chunk_size,
+            values=settings.get("values", "bytes"),
         )
         proxy = await _cutting_proxy(url, settings) if settings.get("cut_every") else None
         peer = await endpoint.connect(proxy[1] if proxy else url)

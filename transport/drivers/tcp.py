@@ -71,12 +71,16 @@ class TcpOptions:
     buffered in user space, until it drains below the low-water mark (default: a quarter of it).
     `send_buffer_size`/`recv_buffer_size`: SO_SNDBUF/SO_RCVBUF; None leaves the kernel's
     autotuning alone (setting them disables it on Linux).
+    `congestion_control`: TCP_CONGESTION per socket (Linux), e.g. "bbr", which holds its rate
+    under random loss on a long link where cubic collapses; None keeps the system default. A name
+    the kernel does not offer makes connect() and listen() fail with an error naming it.
     """
 
     write_high_water: int = DEFAULT_WRITE_HIGH_WATER
     write_low_water: int | None = None
     send_buffer_size: int | None = None
     recv_buffer_size: int | None = None
+    congestion_control: str | None = None
 
     def __post_init__(self) -> None:
         if self.write_high_water < 1:
@@ -91,23 +95,62 @@ class TcpOptions:
             size = getattr(self, name)
             if size is not None and size < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {size}")
+        _check_congestion_control(self.congestion_control)
 
     @property
     def low_water(self) -> int:
         """The effective low-water mark."""
         return self.write_high_water // 4 if self.write_low_water is None else self.write_low_water
 
+    @property
+    def opens_own_socket(self) -> bool:
+        """True when an option must be set before connect() (so the driver opens the socket)."""
+        wanted = (self.send_buffer_size, self.recv_buffer_size, self.congestion_control)
+        return any(option is not None for option in wanted)
+
     def apply_to_socket(self, sock: Any) -> None:
-        """Set TCP_NODELAY and the requested buffer sizes (on a socket or uvloop's stand-in)."""
+        """Set TCP_NODELAY, the congestion control and the requested buffer sizes (on a socket
+        or uvloop's stand-in)."""
         if sock is None:
             return
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Frames are written whole; Nagle would only delay the small control frames.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.congestion_control is not None:
+                _set_congestion_control(sock, self.congestion_control)
         if self.send_buffer_size is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_size)
         if self.recv_buffer_size is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.recv_buffer_size)
+
+
+def _check_congestion_control(name: str | None) -> None:
+    if name is None:
+        return
+    # The kernel's names are short ASCII words (TCP_CA_NAME_MAX is 16 with the NUL).
+    if not (name.isascii() and name.isprintable() and 0 < len(name) < 16 and " " not in name):
+        raise ConfigError(f"congestion_control must be a kernel algorithm name, got {name!r}")
+    if not hasattr(socket, "TCP_CONGESTION"):
+        raise ConfigError("congestion_control needs TCP_CONGESTION, which this platform lacks")
+
+
+def _set_congestion_control(sock: Any, name: str) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot use TCP congestion control {name!r} ({exc.strerror}); this kernel offers: "
+            f"{_available_congestion_control()}",
+        ) from exc
+
+
+def _available_congestion_control() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as listing:
+            return listing.read().strip() or "?"
+    except OSError:
+        return "?"
 
 
 class _TcpProtocol(asyncio.BufferedProtocol):
@@ -374,10 +417,11 @@ class TcpDriver(Driver):
         return TcpListener(server, f"{target.scheme}://{format_host_port(bound[0], bound[1])}")
 
     async def _open_socket(self, target: HostPort) -> socket.socket | None:
-        """A connected socket with the buffer sizes set before connect(), or None when the
-        kernel defaults are wanted (then the loop opens the socket, happy eyeballs and all)."""
+        """A connected socket with buffer sizes and congestion control set before connect(), or
+        None when the kernel defaults are wanted (then the loop opens the socket, happy eyeballs
+        and all)."""
         options = self.options
-        if options.send_buffer_size is None and options.recv_buffer_size is None:
+        if not options.opens_own_socket:
             return None
         loop = asyncio.get_running_loop()
         addresses = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
