@@ -5,7 +5,8 @@ zstd releases the GIL, so the pool really runs beside the event loop. The sender
 chunks in preparation (one per thread, plus one), so the link never waits for the codec and
 memory stays bounded by the window plus those few chunks. In "auto" mode the policy compares the
 link's measured rate with the codec's measured speed and ratio and keeps deciding as they change;
-a chunk every `_RESAMPLE_EVERY` is compressed anyway so its estimates never go stale.
+while it sends raw, every `_RESAMPLE_EVERY`th chunk is also compressed in the background (the
+result thrown away) so the codec estimates never go stale, without ever delaying the link.
 
 Every chunk also gets a checksum of its *uncompressed* blob (the frame checksum when it travels
 raw, the codec header's xxh3 when compressed), so the digest over a whole transfer is the same
@@ -19,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from transport.exceptions import ChunkError
 from transport.payload import Chunk, Manifest, Source, encode_chunk
 from transport.wire import Buffer, FrameFlags
 
-_RESAMPLE_EVERY = 64
+_RESAMPLE_EVERY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +70,21 @@ class ChunkPipeline:
         self._pool = pool
         self._compressors: dict[int, ChunkCompressor] = {}
         self._counter = 0
+        self._samples: set[Future[PreparedChunk]] = set()
 
     def _should_compress(self) -> bool:
         self._counter += 1
         if self._pool is None or self._policy.mode == "off":
             return False
-        return self._policy.decide() or self._counter % _RESAMPLE_EVERY == 0
+        return self._policy.decide()
+
+    def _resample(self, chunk: Chunk, parts: Sequence[Buffer]) -> None:
+        """Sending raw in auto mode: now and then measure the codec in the background."""
+        if self._pool is None or self._policy.mode != "auto":
+            return
+        if self._counter % _RESAMPLE_EVERY == 0:
+            self._samples.add(self._pool.submit(self._compress, chunk, parts))
+            self._samples = {sample for sample in self._samples if not sample.done()}
 
     def _compress(self, chunk: Chunk, parts: Sequence[Buffer]) -> PreparedChunk:
         """Runs in a pool thread: compress one chunk with this thread's compressor."""
@@ -113,6 +123,7 @@ class ChunkPipeline:
                             )
                         )
                     else:
+                        self._resample(chunk, parts)
                         done: asyncio.Future[PreparedChunk] = loop.create_future()
                         done.set_result(self._raw(chunk, parts))
                         pending.append(done)
