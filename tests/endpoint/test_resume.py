@@ -21,12 +21,13 @@ def _tensor_digests(source: SyntheticSource) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-async def test_twenty_cuts_during_a_gib_transfer() -> None:
+@pytest.mark.parametrize("scheme", ["tcp", "grpc", "http"])
+async def test_twenty_cuts_during_a_gib_transfer(scheme: str) -> None:
     total, chunk, window, cuts = 1 << 30, 1 * MIB, 4 * MIB, 20
     settings = {"chunk_size": chunk, "stream_window": window, "idle_timeout": 60.0}
     offsets = sorted(random.Random(3).sample(range(1, total), cuts))
     async with Endpoint(**settings) as server, Endpoint(**settings) as client:
-        url = await server.listen("tcp://127.0.0.1:0")
+        url = await server.listen(f"{scheme}://127.0.0.1:0")
         port = int(url.rsplit(":", 1)[1])
         proxy = CuttingProxy("127.0.0.1", port, offsets)
         host, proxy_port = await proxy.start()
@@ -42,7 +43,7 @@ async def test_twenty_cuts_during_a_gib_transfer() -> None:
             await transfer.receive_into(CallbackSink(on_tensor))
 
         receiving = asyncio.ensure_future(receive())
-        peer = await client.connect(f"tcp://{host}:{proxy_port}")
+        peer = await client.connect(f"{scheme}://{host}:{proxy_port}")
         result = await peer.send_state_dict(source)
         await asyncio.wait_for(receiving, 60)
         await proxy.close()
