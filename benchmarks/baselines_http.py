@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import ssl
 import time
 import traceback
 from typing import Any
@@ -52,7 +53,7 @@ async def bare_aiohttp_throughput(nbytes: int, block_size: int, tls: TLSConfig |
     runner, url = await _start_bare_server(blocks * block_size, done, tls)
     try:
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls.client_context() if tls else False),
+            connector=aiohttp.TCPConnector(ssl=_client_context(tls)),
             timeout=aiohttp.ClientTimeout(total=None),
             read_bufsize=_READ_BUFSIZE,
         ) as session:
@@ -63,6 +64,14 @@ async def bare_aiohttp_throughput(nbytes: int, block_size: int, tls: TLSConfig |
     finally:
         await runner.cleanup()
     return blocks * block_size / (finished - started) / 1e6
+
+
+def _client_context(tls: TLSConfig | None) -> ssl.SSLContext | bool:
+    """The client verifies the server against ca_file and presents no certificate of its own
+    (the one TLSConfig carries the server's, which is not valid for client authentication)."""
+    if tls is None:
+        return False
+    return TLSConfig(ca_file=tls.ca_file, server_hostname=tls.server_hostname).client_context()
 
 
 class _BlockBody(Payload):

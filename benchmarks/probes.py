@@ -103,3 +103,16 @@ def run_children(
         if isinstance(result, dict) and "error" in result:
             raise RuntimeError(f"{result.get('role', 'child')} failed: {result['error']}")
     return results
+
+
+def run_in_uvloop(role: str, queue: Any, body: Callable[[], Any]) -> None:
+    """In a child process: run the coroutine `body()` under uvloop and put its result (or the
+    error, as text) on `queue`, so run_children can report which side failed and why."""
+    import traceback
+
+    try:
+        import uvloop
+
+        queue.put(uvloop.run(body()))
+    except BaseException:
+        queue.put({"role": role, "error": traceback.format_exc()})

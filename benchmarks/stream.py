@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import tempfile
 import time
-import traceback
+from pathlib import Path
 from typing import Any
 
-from benchmarks.probes import MIB, RssSampler, parse_size, run_children
+from benchmarks.baselines import raw_throughput
+from benchmarks.probes import MIB, RssSampler, parse_size, run_children, run_in_uvloop
+from transport import create_pki
 
 DRIVERS = ("tcp", "grpc", "http", "memory")
 _HOST = "127.0.0.1"
@@ -37,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--baseline", action="store_true", help="also measure a plain uvloop socket"
+        "--baseline",
+        action="store_true",
+        help="also measure the bare transport (plain socket, bare grpc.aio, bare aiohttp)",
     )
+    parser.add_argument("--tls", action="store_true", help="mutual TLS (tcps, grpcs, https)")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument(
         "--cut-every",
@@ -49,12 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = _settings(args)
-    result = _run_in_process(settings) if args.driver == "memory" else _run_two_processes(settings)
-    if args.baseline:
-        raw = _run_raw_baseline(args.size, args.timeout)
-        result["raw_throughput_mb_s"] = raw
-        result["ratio"] = round(result["throughput_mb_s"] / raw, 3) if raw else None
+    with tempfile.TemporaryDirectory(prefix="tensorwire-pki-") as pki:
+        settings = _settings(args, pki if args.tls else None)
+        memory = args.driver == "memory"
+        result = _run_in_process(settings) if memory else _run_two_processes(settings)
+        result["tls"] = bool(args.tls)
+        if args.baseline:
+            raw = raw_throughput(args.driver, args.size, settings["tls_dir"], args.timeout)
+            result["raw_throughput_mb_s"] = raw
+            result["ratio"] = round(result["throughput_mb_s"] / raw, 3) if raw else None
     return result
 
 
@@ -71,7 +80,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, pki: str | None) -> dict[str, Any]:
+    if pki is not None:
+        create_pki(Path(pki), clients=("client",))
     overrides: dict[str, Any] = {"compression": getattr(args, "compression", "auto")}
     if args.chunk_size:
         overrides["chunk_size"] = args.chunk_size
@@ -87,7 +98,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "cut_every": getattr(args, "cut_every", None),
         "values": getattr(args, "values", "bytes"),
+        "tls_dir": pki,
     }
+
+
+def scheme(settings: dict[str, Any]) -> str:
+    """The URL scheme: the driver's name, with an "s" under TLS (tcps, grpcs, https)."""
+    driver = str(settings["driver"])
+    return f"{driver}s" if settings.get("tls_dir") and driver != "memory" else driver
 
 
 def _summary(
@@ -124,32 +142,24 @@ def _run_two_processes(settings: dict[str, Any]) -> dict[str, Any]:
     return _summary(settings, sender, receiver)
 
 
-def _child(role: str, queue: Any, body: Any) -> None:
-    """Run `body()` under uvloop and put its result (or the error) on the queue."""
-    try:
-        import uvloop
-
-        queue.put(uvloop.run(body()))
-    except BaseException:
-        queue.put({"role": role, "error": traceback.format_exc()})
-
-
 def _receiver_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    _child("receiver", queue, lambda: receive_synthetic(settings, url_queue.put))
+    run_in_uvloop("receiver", queue, lambda: receive_synthetic(settings, url_queue.put))
 
 
 def _sender_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    _child("sender", queue, lambda: send_synthetic(settings, url_queue.get(timeout=120)))
+    run_in_uvloop("sender", queue, lambda: send_synthetic(settings, url_queue.get(timeout=120)))
 
 
 async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[str, Any]:
     """Listen on settings["driver"]://settings["host"] (default 127.0.0.1), publish the URL, take
     one transfer into a DigestSink; return bytes, timing, digest_ok and peak RSS above baseline."""
-    from transport import DigestMismatchError, DigestSink, Endpoint
+    from transport import DigestMismatchError, DigestSink, Endpoint, server_tls
 
-    async with Endpoint(**settings["overrides"]) as endpoint:
+    tls_dir = settings.get("tls_dir")
+    tls = server_tls(Path(tls_dir)) if tls_dir else None
+    async with Endpoint(**settings["overrides"], tls=tls) as endpoint:
         host = settings.get("host", _HOST)
-        publish_url(await endpoint.listen(f"{settings['driver']}://{host}:0"))
+        publish_url(await endpoint.listen(f"{scheme(settings)}://{host}:0"))
         sampler = RssSampler().start()
         transfer = await anext(endpoint.incoming())
         try:
@@ -179,9 +189,11 @@ def _count(stats: Any, key: str) -> int | None:
 
 async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
     """Stream settings["size"] bytes of SyntheticSource to `url`; return timing and peak RSS."""
-    from transport import Endpoint, SyntheticSource
+    from transport import Endpoint, SyntheticSource, client_tls
 
-    async with Endpoint(**settings["overrides"]) as endpoint:
+    tls_dir = settings.get("tls_dir")
+    tls = client_tls(Path(tls_dir), "client") if tls_dir else None
+    async with Endpoint(**settings["overrides"], tls=tls) as endpoint:
         config = endpoint.config
         source = SyntheticSource(
             settings["size"],
@@ -236,63 +248,3 @@ def _run_in_process(settings: dict[str, Any]) -> dict[str, Any]:
 
     sender, receiver = uvloop.run(both())
     return _summary(settings, sender, receiver)
-
-
-# --- the raw limit: a plain uvloop socket --------------------------------------------------------
-
-
-def _run_raw_baseline(size: int, timeout: float) -> float:
-    """MB/s of `size` bytes through a plain uvloop TCP socket on loopback, in two processes."""
-    port_queue: Any = multiprocessing.get_context("spawn").Queue()
-    receiver, sender = run_children(
-        [(_raw_receiver_child, (size, port_queue)), (_raw_sender_child, (size, port_queue))],
-        timeout=timeout,
-    )
-    seconds = receiver["finished_at"] - sender["started_at"]
-    return round(size / seconds / 1e6, 1)
-
-
-def _raw_receiver_child(queue: Any, size: int, port_queue: Any) -> None:
-    _child("raw receiver", queue, lambda: _rawreceive_synthetic(size, port_queue.put))
-
-
-def _raw_sender_child(queue: Any, size: int, port_queue: Any) -> None:
-    _child("raw sender", queue, lambda: _rawsend_synthetic(size, port_queue.get(timeout=120)))
-
-
-class _RawSink(asyncio.BufferedProtocol):
-    def __init__(self, size: int, done: asyncio.Future[float]) -> None:
-        self._buffer = bytearray(MIB)
-        self._left = size
-        self._done = done
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self._buffer)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._left -= nbytes
-        if self._left <= 0 and not self._done.done():
-            self._done.set_result(time.time())
-
-
-async def _rawreceive_synthetic(size: int, publish_port: Any) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[float] = loop.create_future()
-    server = await loop.create_server(lambda: _RawSink(size, done), _HOST, 0)
-    publish_port(server.sockets[0].getsockname()[1])
-    finished_at = await done
-    server.close()
-    return {"role": "raw receiver", "finished_at": finished_at}
-
-
-async def _rawsend_synthetic(size: int, port: int) -> dict[str, Any]:
-    _reader, writer = await asyncio.open_connection(_HOST, port)
-    block = memoryview(bytearray(8 * MIB))
-    started_at = time.time()
-    left = size
-    while left > 0:
-        writer.write(block[: min(left, block.nbytes)])
-        left -= block.nbytes
-        await writer.drain()
-    writer.close()
-    return {"role": "raw sender", "started_at": started_at}

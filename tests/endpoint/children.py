@@ -5,18 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.probes import RssSampler
-
-
-def _run(queue: Any, role: str, body: Any) -> None:
-    import traceback
-
-    import uvloop
-
-    try:
-        queue.put(uvloop.run(body()))
-    except BaseException:
-        queue.put({"role": role, "error": traceback.format_exc()})
+from benchmarks.probes import RssSampler, run_in_uvloop
 
 
 def file_receiver(queue: Any, path: str, url_queue: Any) -> None:
@@ -35,7 +24,7 @@ def file_receiver(queue: Any, path: str, url_queue: Any) -> None:
             "peak_rss_mib": sampler.peak_above_baseline_mib,
         }
 
-    _run(queue, "receiver", body)
+    run_in_uvloop("receiver", queue, body)
 
 
 def synthetic_sender(queue: Any, nbytes: int, url_queue: Any) -> None:
@@ -56,7 +45,7 @@ def synthetic_sender(queue: Any, nbytes: int, url_queue: Any) -> None:
             "peak_rss_mib": sampler.peak_above_baseline_mib,
         }
 
-    _run(queue, "sender", body)
+    run_in_uvloop("sender", queue, body)
 
 
 def restartable_file_receiver(queue: Any, path: str, port: int, delay_per_chunk: float) -> None:
@@ -78,4 +67,4 @@ def restartable_file_receiver(queue: Any, path: str, port: int, delay_per_chunk:
             written = await transfer.receive_into(SlowFileSink(path))
         return {"role": "receiver", "path": str(written)}
 
-    _run(queue, "receiver", body)
+    run_in_uvloop("receiver", queue, body)
