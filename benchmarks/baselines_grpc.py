@@ -222,46 +222,18 @@ def _driver_receiver_child(
 # --- the full endpoint --------------------------------------------------------------------------
 
 
-def endpoint_throughput(nbytes: int, timeout: float = 600.0) -> dict[str, Any]:
-    """benchmarks.stream's two-process run (SyntheticSource -> DigestSink) over grpc://."""
-    from benchmarks.probes import run_children
-    from benchmarks.stream import _summary
+def endpoint_throughput(nbytes: int, timeout: float = 3600.0) -> dict[str, Any]:
+    """The whole endpoint over grpc://: `python -m benchmarks stream --driver grpc`."""
+    import argparse
 
-    settings = {
-        "driver": "grpc",
-        "size": nbytes,
-        "dtype": "BF16",
-        "seed": 0,
-        "overrides": {},
-        "timeout": timeout,
-    }
-    url_queue: Any = multiprocessing.get_context("spawn").Queue()
-    receiver, sender = run_children(
-        [(_endpoint_receiver, (settings, url_queue)), (_endpoint_sender, (settings, url_queue))],
-        timeout=timeout,
-    )
-    return _summary(settings, sender, receiver)
+    from benchmarks import stream
 
-
-def _register_grpc() -> None:
-    from transport.drivers import register_driver
-    from transport.drivers.grpc import GrpcDriver
-
-    register_driver(GrpcDriver())
-
-
-def _endpoint_receiver(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    from benchmarks.stream import _child, receive_synthetic
-
-    _register_grpc()
-    _child("receiver", queue, lambda: receive_synthetic(settings, url_queue.put))
-
-
-def _endpoint_sender(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    from benchmarks.stream import _child, send_synthetic
-
-    _register_grpc()
-    _child("sender", queue, lambda: send_synthetic(settings, url_queue.get(timeout=120)))
+    options = argparse.Namespace(
+        driver="grpc", size=nbytes, chunk_size=None, window=None, dtype="BF16", seed=0,
+        baseline=False, tls=False, timeout=timeout, cut_every=None, compression="auto",
+        values="bytes",
+    )  # fmt: skip
+    return stream.run(options)
 
 
 # --- child processes ----------------------------------------------------------------------------

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import ssl
 import time
-import traceback
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.payload import Payload
 
-from benchmarks.probes import MIB, parse_size, run_children
+from benchmarks.probes import MIB, parse_size
 from transport.drivers import TLSConfig
 from transport.drivers.base import DriverConnection
 from transport.drivers.http import CONNECT_PATH, HttpDriver, HttpOptions
@@ -224,52 +222,17 @@ async def websocket_throughput(nbytes: int, block_size: int) -> tuple[float, flo
 
 
 def endpoint_throughput(nbytes: int, timeout: float = 3600.0) -> dict[str, Any]:
-    """send_state_dict of a SyntheticSource into a DigestSink over http://, two processes."""
-    settings = {
-        "driver": "http",
-        "size": nbytes,
-        "dtype": "BF16",
-        "seed": 0,
-        "overrides": {},
-        "timeout": timeout,
-    }
-    url_queue: Any = multiprocessing.get_context("spawn").Queue()
-    receiver, sender = run_children(
-        [(_receiver_child, (settings, url_queue)), (_sender_child, (settings, url_queue))],
-        timeout=timeout,
-    )
-    seconds = receiver["finished_at"] - sender["started_at"]
-    return {
-        "endpoint_mb_s": round(receiver["bytes"] / seconds / 1e6, 1),
-        "endpoint_digest_ok": receiver["digest_ok"],
-        "sender_peak_rss_mib": round(sender["peak_rss_mib"], 1),
-        "receiver_peak_rss_mib": round(receiver["peak_rss_mib"], 1),
-    }
+    """The whole endpoint over http://: `python -m benchmarks stream --driver http`."""
+    import argparse
 
+    from benchmarks import stream
 
-def _in_child(role: str, queue: Any, make_body: Any) -> None:
-    """Register the http driver, run `make_body()` under uvloop, put its result on the queue."""
-    try:
-        import uvloop
-
-        from transport.drivers import register_driver
-
-        register_driver(HttpDriver())
-        queue.put(uvloop.run(make_body()))
-    except BaseException:
-        queue.put({"role": role, "error": traceback.format_exc()})
-
-
-def _receiver_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    from benchmarks.stream import receive_synthetic
-
-    _in_child("receiver", queue, lambda: receive_synthetic(settings, url_queue.put))
-
-
-def _sender_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:
-    from benchmarks.stream import send_synthetic
-
-    _in_child("sender", queue, lambda: send_synthetic(settings, url_queue.get(timeout=120)))
+    options = argparse.Namespace(
+        driver="http", size=nbytes, chunk_size=None, window=None, dtype="BF16", seed=0,
+        baseline=False, tls=False, timeout=timeout, cut_every=None, compression="auto",
+        values="bytes",
+    )  # fmt: skip
+    return stream.run(options)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -299,7 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["websocket_upload_mb_s"] = round(upload, 1)
         result["websocket_download_mb_s"] = round(download, 1)
     if not args.no_endpoint:
-        result.update(endpoint_throughput(args.size))
+        whole = endpoint_throughput(args.size)
+        result["endpoint_mb_s"] = whole["throughput_mb_s"]
+        result["endpoint_digest_ok"] = whole["digest_ok"]
     return result
 
 
