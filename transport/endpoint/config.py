@@ -47,6 +47,10 @@ class EndpointConfig:
     compression: str = "auto"
     compression_level: int = 1
     compression_threads: int = 2
+    # Parallel connections a state dict is striped over when we dialed the peer. 1 fills most
+    # links (the window grows to the BDP); more help on a long fat pipe whose loss or per-flow
+    # limits hold one TCP flow back.
+    streams: int = 1
     # Hostile-peer bounds: connections held at once, and the time a new one has to say hello.
     max_connections: int = 1024
     hello_timeout: float = 10.0
@@ -67,6 +71,8 @@ class EndpointConfig:
             raise ConfigError(
                 f"compression_threads must be positive, got {self.compression_threads}"
             )
+        if not 1 <= self.streams <= 64:
+            raise ConfigError(f"streams must be in 1..64, got {self.streams}")
         if self.max_connections <= 0:
             raise ConfigError(f"max_connections must be positive, got {self.max_connections}")
         for name in (

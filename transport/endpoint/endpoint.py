@@ -96,15 +96,17 @@ class Endpoint:
         self._peers[link] = peer
         return peer
 
-    async def open_link(self, url: str) -> Link:
-        """A new connection to `url` (used by connect() and by a Peer that reconnects)."""
+    async def open_link(self, url: str, *, stripe: bool = False) -> Link:
+        """A new connection to `url` (used by connect(), by a Peer that reconnects, and for the
+        extra connections of a striped transfer, which say so in their hello)."""
         link = self._new_link(is_initiator=True)
         try:
             driver_connection = await driver_for(url).connect(url, link, tls=self.config.tls)
         except BaseException:
             self._links.discard(link)
             raise
-        link.attach(driver_connection, self._hello(url))
+        hello = {**self._hello(url), **({"stripe": True} if stripe else {})}
+        link.attach(driver_connection, hello)
         return link
 
     def _hello(self, url: str) -> dict[str, Any]:
@@ -173,6 +175,9 @@ class Endpoint:
         peer_info = link.peer
         identity = (peer_info.peer_identity or "" if peer_info else "", link.remote_node or "")
         known = self._peers_by_identity.get(identity) if identity[1] else None
+        if known is not None and link.remote_hello.get("stripe"):
+            self._peers[link] = known  # an extra connection of a striped transfer
+            return
         if known is not None:
             known.replace_link(link)
             self._peers[link] = known

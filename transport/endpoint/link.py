@@ -409,17 +409,18 @@ class Link:
 
     # --- streams out ---------------------------------------------------------------------------
 
-    def open_stream(self, header: Mapping[str, Any]) -> int:
+    def open_stream(self, header: Mapping[str, Any], chunks: int = 0) -> int:
+        """Open a stream we send; `chunks` bounds the indices a RESUME may name for it."""
         self._raise_if_failed()
         stream_id = self._protocol.open_stream(header)
         self._sending[stream_id] = _SendSlot()
+        self._sending[stream_id].chunk_limit = chunks
         return stream_id
 
-    async def resume_point(self, stream_id: int, chunks: int, *, wait: bool) -> set[int]:
+    async def resume_point(self, stream_id: int, *, wait: bool) -> set[int]:
         """The chunks the receiver holds (it says so in RESUME). With `wait`, wait for its RESUME
         first (a reopened transfer); without, the set fills in if one arrives while sending."""
         slot = self._sending[stream_id]
-        slot.chunk_limit = chunks
         if wait:
             what = f"the receiver's resume point on stream {stream_id}"
             await self.wait_progress(slot.resumed, what)

@@ -44,6 +44,7 @@ class Peer:
         self._relinked = asyncio.Event()
         self._recovering = asyncio.Lock()
         self._closing = False
+        self._stripes: list[Link] = []  # extra connections a striped transfer uses
         self.reconnects = 0
 
     @property
@@ -68,12 +69,14 @@ class Peer:
         *,
         meta: Mapping[str, Any] | None = None,
         transfer_id: str | None = None,
+        streams: int | None = None,
     ) -> TransferResult:
         """Stream a state dict (or any Source); return once the peer verified all of it.
 
         A dropped connection is resumed, not restarted. Give a `transfer_id` that is stable
         across processes (e.g. "round-7/site-3") to let a receiver restarted with a file sink
-        continue where its predecessor stopped.
+        continue where its predecessor stopped. `streams` > 1 stripes the chunks over that many
+        parallel connections (a peer we dialed only), so their windows add up on a long fat pipe.
         """
         chunk_size = self._endpoint.config.chunk_size
         source = (
@@ -81,8 +84,10 @@ class Peer:
             if isinstance(state_dict, Source)
             else StateDictSource(state_dict, chunk_size=chunk_size)
         )
-        codec = (self._endpoint.config.compression_policy(), self._endpoint.codec_pool)
-        return await send_source(self, source, meta, transfer_id, codec)
+        config = self._endpoint.config
+        codec = (config.compression_policy(), self._endpoint.codec_pool)
+        stripes = streams if streams is not None else config.streams
+        return await send_source(self, source, meta, transfer_id, codec, stripes)
 
     async def send_file(
         self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None
@@ -119,6 +124,8 @@ class Peer:
 
     async def close(self) -> None:
         self._closing = True
+        for stripe in self._stripes:
+            await stripe.close()
         await self._link.close()
 
     async def wait_closed(self) -> None:
@@ -146,6 +153,28 @@ class Peer:
                 await self._await_return(failed, error)
             self.reconnects += 1
             return self._link
+
+    async def stripe_links(self, count: int) -> list[Link]:
+        """`count` live connections to the peer: ours first, then extra ones opened as needed
+        (only a peer we dialed can be striped; fewer come back if extra dials fail)."""
+        primary = await self.live_link()
+        if count <= 1 or self._url is None:
+            return [primary]
+        self._stripes = [link for link in self._stripes if link.error is None]
+        while len(self._stripes) < count - 1:
+            try:
+                self._stripes.append(await self._endpoint.open_link(self._url, stripe=True))
+            except TransportError:
+                break  # stripe over what we have; the next attempt tries again
+        return [primary, *self._stripes[: count - 1]]
+
+    async def recover_stripes(self, links: list[Link], error: BaseException) -> None:
+        """After a failed attempt: bring the main connection back if it was lost (failed extra
+        ones are simply reopened by the next stripe_links)."""
+        if links[0].error is not None:
+            await self.recover(links[0], error)
+        else:
+            self.reconnects += 1
 
     def replace_link(self, link: Link) -> None:
         """A new connection from the same peer takes the old one's place."""

@@ -25,7 +25,14 @@ from transport import sfm
 from transport.codecs import ChunkDecompressor
 from transport.endpoint.compression import blob_checksum, decompress
 from transport.endpoint.config import CHUNK_HEADER_ROOM
-from transport.endpoint.sending import BYTES, STATE_DICT, describe, index_ranges, transfer_digest
+from transport.endpoint.sending import (
+    BYTES,
+    MAX_STRIPES,
+    STATE_DICT,
+    describe,
+    index_ranges,
+    transfer_digest,
+)
 from transport.exceptions import (
     ChunkError,
     DigestMismatchError,
@@ -34,6 +41,7 @@ from transport.exceptions import (
     ManifestError,
     PayloadError,
     ProtocolError,
+    StreamResetError,
     StreamStateError,
     TensorwireError,
     TransportError,
@@ -66,6 +74,11 @@ class IncomingTransfer:
         self.manifest: Manifest | None = None
         self._manifest_header = header.get("manifest")
         self._check_header(header)
+        # The streams of the current attempt (one per stripe) and those that ended.
+        self.stripes = _stripes(header)
+        self._sources: set[tuple[Link, int]] = {(link, stream_id)}
+        self._ended: set[tuple[Link, int]] = set()
+        self._lost: tuple[int, float, TensorwireError] | None = None  # attempt, when, why
         self._events: deque[tuple[Link, _Item]] = deque()
         self._arrived = asyncio.Event()
         self._received: dict[int, int] = {}  # chunk index -> checksum, written or queued
@@ -109,19 +122,28 @@ class IncomingTransfer:
         self._arrived.set()
 
     def reattach(self, link: Link, stream_id: int, header: Mapping[str, Any]) -> bool:
-        """The sender reopened this transfer on a new connection; False if it does not match."""
+        """Another stream of this transfer: one more stripe of the current attempt, or the first
+        of a new attempt after a lost connection. False if it does not match."""
         if header.get("manifest") != self._manifest_header or header.get("kind") != self.kind:
             link.reset_stream(stream_id, "bad_manifest", "resumed with a different manifest")
             return False
-        self._link, self.stream_id = link, stream_id
         attempt = header.get("attempt", 0)
-        self.attempt = attempt if isinstance(attempt, int) else self.attempt
-        self._send_resume()
+        attempt = attempt if isinstance(attempt, int) else -1
+        if attempt < self.attempt:
+            link.reset_stream(stream_id, "superseded", f"attempt {attempt} < {self.attempt}")
+            return False
+        if attempt > self.attempt:
+            self.attempt, self.stripes = attempt, _stripes(header)
+            self._sources, self._ended = set(), set()
+        self._sources.add((link, stream_id))
+        self._link, self.stream_id = link, stream_id
+        self._send_resume(link, stream_id)
         self._arrived.set()
         return True
 
-    def _send_resume(self) -> None:
-        self._link.send_resume(self.stream_id, {"held": index_ranges(self._received)})
+    def _send_resume(self, link: Link | None = None, stream_id: int | None = None) -> None:
+        target, sid = (link, stream_id) if link and stream_id else (self._link, self.stream_id)
+        target.send_resume(sid, {"held": index_ranges(self._received)})
 
     # --- application side ---
 
@@ -249,45 +271,59 @@ class IncomingTransfer:
     # --- the event queue ---
 
     async def _data_events(self) -> AsyncIterator[tuple[Link, sfm.DataReceived]]:
-        """DATA events in arrival order until END (verified by sfm) or an error."""
+        """DATA events in arrival order (from every stripe) until every stripe of the current
+        attempt ended (each END verified by sfm), or an error."""
         while True:
             link, item = await self._next_item()
-            if isinstance(item, TransportError) and self.resumable and link is self._link:
-                await self._await_reattach(link, item)
-            elif isinstance(item, TensorwireError):
-                if link is self._link:
-                    raise item
-            elif isinstance(item, sfm.DataReceived):
+            if isinstance(item, sfm.DataReceived):
                 yield link, item
-            elif isinstance(item, sfm.StreamEnded) and link is self._link:
-                self._end_header = item.header
-                return
-            elif isinstance(item, sfm.StreamFailed) and link is self._link:
-                raise item.error
+            elif isinstance(item, sfm.StreamEnded):
+                if self._stripe_ended(link, item):
+                    return
+            elif isinstance(item, sfm.StreamFailed):
+                if (link, item.stream_id) in self._sources:
+                    raise item.error
+            elif isinstance(item, TensorwireError) and self._is_current(link):
+                if not (self.resumable and _recoverable(item)):
+                    raise item
+                # Keep taking what the other stripes deliver (their credit must flow) while the
+                # sender reconnects; only the end of the transfer needs its next attempt.
+                if self._lost is None or self._lost[0] != self.attempt:
+                    self._lost = (self.attempt, asyncio.get_running_loop().time(), item)
+
+    def _stripe_ended(self, link: Link, event: sfm.StreamEnded) -> bool:
+        """Note one stripe's END; True once every stripe of the current attempt has ended."""
+        source = (link, event.stream_id)
+        if source not in self._sources:
+            return False  # a stream of an attempt that was given up
+        self._ended.add(source)
+        self._end_header = event.header
+        return len(self._ended) >= self.stripes
+
+    def _is_current(self, link: Link) -> bool:
+        return any(source_link is link for source_link, _ in self._sources)
 
     async def _next_item(self) -> tuple[Link, _Item]:
         while not self._events:
             self._arrived.clear()
-            await self._link.wait_progress(self._arrived, f"data on stream {self.stream_id}")
+            if self._lost is not None and self._lost[0] == self.attempt:
+                await self._await_next_attempt(*self._lost)
+            else:
+                await self._link.wait_progress(self._arrived, f"data on stream {self.stream_id}")
         return self._events.popleft()
 
-    async def _await_reattach(self, lost: Link, error: TransportError) -> None:
-        """The connection dropped: wait up to idle_timeout for the sender to reopen the transfer."""
-        self._arrived.clear()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + lost.idle_timeout
-        while self._link is lost:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise IdleTimeoutError(
-                    f"transfer {self.transfer_id}: the sender did not come back within "
-                    f"{lost.idle_timeout:g} s after {error}"
-                ) from error
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                continue
-            self._arrived.clear()
+    async def _await_next_attempt(self, attempt: int, since: float, error: TensorwireError) -> None:
+        """A stripe of the current attempt was lost and nothing is queued: wait for more events
+        or the sender's next attempt, until idle_timeout after the loss."""
+        idle_timeout = self._link.idle_timeout
+        remaining = since + idle_timeout - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise IdleTimeoutError(
+                f"transfer {self.transfer_id}: the sender did not come back within "
+                f"{idle_timeout:g} s after {error}"
+            ) from error
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), remaining)
 
     def _require_state_dict(self) -> Manifest:
         if self.manifest is None:
@@ -303,6 +339,20 @@ class IncomingTransfer:
         self._link.finished_incoming(self.stream_id)
         if self.on_done is not None:
             self.on_done(self, ok)
+
+
+def _stripes(header: Mapping[str, Any]) -> int:
+    """How many streams carry this attempt (1 unless the sender stripes)."""
+    stripes = header.get("stripes", 1)
+    if not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
+        raise ManifestError(f"stripes must be an int in 1..{MAX_STRIPES}, got {stripes!r}")
+    return stripes
+
+
+def _recoverable(error: TensorwireError) -> bool:
+    """A lost connection, or a stripe the sender gave up to start a new attempt."""
+    superseded = isinstance(error, StreamResetError) and error.code == "superseded"
+    return isinstance(error, TransportError) or superseded
 
 
 def _place(

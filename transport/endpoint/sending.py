@@ -36,6 +36,8 @@ STATE_DICT = "state_dict"
 BYTES = "bytes"
 # Most index ranges a RESUME may list: beyond that a receiver is describing noise, not progress.
 MAX_RESUME_RANGES = 1 << 20
+# Most parallel connections one transfer may stripe over.
+MAX_STRIPES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +59,11 @@ class TransferResult:
 
 
 class Relinker(Protocol):
-    """What a sender needs from its peer: the live link, and a way back after a failure."""
+    """What a sender needs from its peer: live links, and a way back after a failure."""
 
-    async def live_link(self) -> Link: ...
+    async def stripe_links(self, count: int) -> list[Link]: ...
 
-    async def recover(self, failed: Link, error: TransportError) -> Link: ...
+    async def recover_stripes(self, links: list[Link], error: TransportError) -> None: ...
 
 
 # --- index ranges (RESUME) -----------------------------------------------------------------------
@@ -153,28 +155,29 @@ async def send_source(
     meta: Mapping[str, Any] | None,
     transfer_id: str | None,
     codec: tuple[CompressionPolicy, ThreadPoolExecutor | None],
+    stripes: int = 1,
 ) -> TransferResult:
-    """Stream every chunk of `source`; resume after connection loss; return once verified."""
+    """Stream every chunk of `source` (over `stripes` parallel connections); resume after
+    connection loss; return once the receiver verified the whole transfer."""
     manifest = source.manifest
     header = {"kind": STATE_DICT, "manifest": manifest.to_header(), "meta": dict(meta or {})}
     transfer = _Transfer(transfer_id or uuid.uuid4().hex, header, plan_chunks(manifest))
-    link = await peer.live_link()
     loop = asyncio.get_running_loop()
     progressed_at, sent_before = loop.time(), 0
     while True:
+        links = await peer.stripe_links(stripes)
         try:
-            pipeline = ChunkPipeline(manifest, source, *codec)
-            stream_id = await _attempt(link, source, pipeline, transfer)
+            stream_id = await _striped_attempt(links, source, codec, transfer)
             break
         except TransportError as error:
             if transfer.bytes_sent > sent_before:
                 progressed_at, sent_before = loop.time(), transfer.bytes_sent
             # Connections that open and die at once (a peer refusing our certificate after the
             # handshake, say) must not be retried forever: the one timeout applies across them.
-            stalled = loop.time() - progressed_at > link.idle_timeout
+            stalled = loop.time() - progressed_at > links[0].idle_timeout
             if isinstance(error, IdleTimeoutError) or stalled:
                 raise
-            link = await peer.recover(link, error)
+            await peer.recover_stripes(links, error)
             transfer.attempt += 1
     seconds = time.perf_counter() - transfer.started
     return TransferResult(
@@ -189,15 +192,89 @@ async def send_source(
     )
 
 
-async def _attempt(link: Link, source: Source, pipeline: ChunkPipeline, transfer: _Transfer) -> int:
-    """One connection's worth of a transfer: open, skip what the receiver holds, send, end."""
-    header = {**transfer.header, "transfer": transfer.transfer_id, "attempt": transfer.attempt}
-    stream_id = link.open_stream(header)
-    held = await link.resume_point(stream_id, len(transfer.chunks), wait=transfer.attempt > 0)
-    in_flight = _InFlight(link.stream_window)
-    todo = [chunk for chunk in transfer.chunks if chunk.index not in held]
+async def _striped_attempt(
+    links: list[Link],
+    source: Source,
+    codec: tuple[CompressionPolicy, ThreadPoolExecutor | None],
+    transfer: _Transfer,
+) -> int:
+    """One attempt over one stream per link: open them all, learn what the receiver holds, deal
+    the remaining chunks round-robin, send, then end every stripe with the transfer's digest.
+
+    If any stripe fails, the others are given up ("superseded") and the error goes up, so the
+    next attempt starts from what the receiver holds, over fresh connections where needed."""
+    header = {
+        **transfer.header,
+        "transfer": transfer.transfer_id,
+        "attempt": transfer.attempt,
+        "stripes": len(links),
+    }
+    streams = [(link, link.open_stream(header, len(transfer.chunks))) for link in links]
     try:
-        async for ready in pipeline.iterate(todo):
+        helds = [await link.resume_point(sid, wait=transfer.attempt > 0) for link, sid in streams]
+        held = _HeldUnion(helds)
+        todo = [chunk for chunk in transfer.chunks if chunk.index not in held]
+        deals = [todo[i :: len(streams)] for i in range(len(streams))]
+        async with asyncio.TaskGroup() as group:
+            for (link, sid), deal in zip(streams, deals, strict=True):
+                pipeline = ChunkPipeline(source.manifest, source, *codec)
+                group.create_task(_send_stripe(link, sid, source, pipeline, deal, held, transfer))
+        _fill_checksums(source, source.manifest, transfer)
+        end = {"transfer_digest": transfer_digest(transfer.checksums)}
+        async with asyncio.TaskGroup() as group:
+            for link, sid in streams:
+                group.create_task(link.end_stream(sid, end))
+    except BaseException as error:
+        for link, sid in streams:
+            link.reset_stream(sid, "superseded", describe(error))
+        raise _deciding_error(error) from None
+    return streams[0][1]
+
+
+class _HeldUnion:
+    """The chunks the receiver holds, as the RESUMEs on every stripe say (they may grow)."""
+
+    def __init__(self, sets: list[set[int]]) -> None:
+        self._sets = sets
+
+    def __contains__(self, index: object) -> bool:
+        return any(index in held for held in self._sets)
+
+
+def _deciding_error(error: BaseException) -> BaseException:
+    """TaskGroup wraps failures in an ExceptionGroup: surface the one that decides what happens
+    next. A final error (a refusal, a bad argument, an idle timeout) wins over a connection loss,
+    which only means "resume"; cancellations of sibling stripes say nothing."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = _leaves(error)
+    real = [leaf for leaf in leaves if not isinstance(leaf, asyncio.CancelledError)] or leaves
+    final = [
+        e for e in real if not isinstance(e, TransportError) or isinstance(e, IdleTimeoutError)
+    ]
+    return (final or real)[0]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for inner in group.exceptions:
+        found += _leaves(inner) if isinstance(inner, BaseExceptionGroup) else [inner]
+    return found
+
+
+async def _send_stripe(
+    link: Link,
+    stream_id: int,
+    source: Source,
+    pipeline: ChunkPipeline,
+    chunks: list[Chunk],
+    held: _HeldUnion,
+    transfer: _Transfer,
+) -> None:
+    """Send one stripe's chunks, skipping any the receiver turns out to hold."""
+    in_flight = _InFlight(link.stream_window)
+    try:
+        async for ready in pipeline.iterate(chunks):
             if ready.chunk.index in held:  # a RESUME arrived while it was being prepared
                 source.release(ready.chunk)
                 continue
@@ -210,16 +287,9 @@ async def _attempt(link: Link, source: Source, pipeline: ChunkPipeline, transfer
             transfer.bytes_sent += ready.chunk.nbytes
             for delivered in in_flight.sent(ready.chunk, ready.nbytes):
                 source.release(delivered)
-        _fill_checksums(source, source.manifest, transfer)
-        end = {"transfer_digest": transfer_digest(transfer.checksums)}
-        await link.end_stream(stream_id, end)
-    except BaseException as error:
-        link.reset_stream(stream_id, "sender_failed", describe(error))
-        raise
     finally:
         for delivered in in_flight.drain():
             source.release(delivered)
-    return stream_id
 
 
 def _fill_checksums(source: Source, manifest: Manifest, transfer: _Transfer) -> None:
