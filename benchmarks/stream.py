@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls", action="store_true", help="mutual TLS (tcps, grpcs, https)")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--streams", type=int, default=1, help="parallel connections (striping)")
     parser.add_argument(
         "--cut-every",
         type=parse_size,
@@ -98,6 +99,7 @@ def _settings(args: argparse.Namespace, pki: str | None) -> dict[str, Any]:
         "timeout": args.timeout,
         "cut_every": getattr(args, "cut_every", None),
         "values": getattr(args, "values", "bytes"),
+        "streams": getattr(args, "streams", 1),
         "tls_dir": pki,
     }
 
@@ -125,6 +127,7 @@ def _summary(
         "chunk_size": sender["chunk_size"],
         "stream_window": sender["stream_window"],
         "chunks": receiver["chunks"],
+        "streams": settings.get("streams", 1),
         "resumes": sender["resumes"],
         "bytes_sent": sender["bytes_sent"],
     }
@@ -206,7 +209,7 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
         peer = await endpoint.connect(proxy[1] if proxy else url)
         sampler = RssSampler().start()
         started_at = time.time()
-        result = await peer.send_state_dict(source)
+        result = await peer.send_state_dict(source, streams=settings.get("streams", 1))
         sampler.stop()
         if proxy:
             await proxy[0].close()
