@@ -16,6 +16,7 @@ BENCHMARKS = {
     "codec": "frame serializer and parser throughput on 4 MiB payload frames",
     "stream": "stream a synthetic state dict between two processes over a driver",
     "wan": "stream a synthetic state dict over an emulated WAN (network namespaces; needs root)",
+    "memory": "peak RSS of sender and receiver over a long stream, plotted over time",
     "table": "every driver with TLS off and on against its bare transport; writes README table",
     "compress": "per-chunk compression: ratio and MB/s, plain vs byte-grouped zstd",
 }

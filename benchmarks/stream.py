@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tensorwire-pki-") as pki:
-        settings = _settings(args, pki if args.tls else None)
+        settings = settings_from(args, pki if args.tls else None)
         memory = args.driver == "memory"
         result = _run_in_process(settings) if memory else _run_two_processes(settings)
         result["tls"] = bool(args.tls)
@@ -81,7 +81,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace, pki: str | None) -> dict[str, Any]:
+def settings_from(args: argparse.Namespace, pki: str | None = None) -> dict[str, Any]:
     if pki is not None:
         create_pki(Path(pki), clients=("client",))
     overrides: dict[str, Any] = {"compression": getattr(args, "compression", "auto")}
@@ -118,6 +118,7 @@ def _summary(
     return {
         "benchmark": "stream",
         "driver": settings["driver"],
+        "streams": settings.get("streams", 1),
         "bytes": nbytes,
         "seconds": round(seconds, 3),
         "throughput_mb_s": round(nbytes / seconds / 1e6, 1),
@@ -127,7 +128,6 @@ def _summary(
         "chunk_size": sender["chunk_size"],
         "stream_window": sender["stream_window"],
         "chunks": receiver["chunks"],
-        "streams": settings.get("streams", 1),
         "resumes": sender["resumes"],
         "bytes_sent": sender["bytes_sent"],
     }
@@ -137,12 +137,18 @@ def _summary(
 
 
 def _run_two_processes(settings: dict[str, Any]) -> dict[str, Any]:
+    sender, receiver = run_pair(settings)
+    return _summary(settings, sender, receiver)
+
+
+def run_pair(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sender and receiver in their own processes; each side's full report (timelines too)."""
     url_queue: Any = multiprocessing.get_context("spawn").Queue()
     receiver, sender = run_children(
         [(_receiver_child, (settings, url_queue)), (_sender_child, (settings, url_queue))],
         timeout=settings["timeout"],
     )
-    return _summary(settings, sender, receiver)
+    return sender, receiver
 
 
 def _receiver_child(queue: Any, settings: dict[str, Any], url_queue: Any) -> None:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _measure(driver: str, tls: bool, size: int) -> dict[str, Any]:
     options = argparse.Namespace(
         driver=driver, size=size, chunk_size=None, window=None, dtype="BF16", seed=0,
-        baseline=True, tls=tls, timeout=3600.0, cut_every=None, compression="auto",
+        baseline=True, tls=tls, timeout=600.0, cut_every=None, compression="auto",
         values="bytes",
     )  # fmt: skip
     return stream.run(options)
