@@ -1,2 +1,12 @@
 """tensorwire's federated-learning layer. It uses the transport only through `transport`'s public
-API. For now it holds the command-line entry point; the Client and Controller APIs follow."""
+API.
+
+    fl.client      the Client API for training scripts: init, is_running, receive, send
+    fl.model       FLModel and ParamsType (FULL / DIFF)
+    fl.controller  the Controller API for server algorithms; fl.fedavg: streaming FedAvg
+    fl.aggregation pure aggregation functions and the per-tensor accumulators (memory / file)
+    fl.server      FLServer: clients, tasks, results;  fl.protocol: the FL messages
+    fl.daemons     `tensorwire server` / `client`;  fl.config: their TOML/YAML configuration
+    fl.demo        `tensorwire demo`;  fl.task: the generated training task
+See docs/fl.md.
+"""

@@ -10,6 +10,9 @@ import typer
 
 import transport
 from fl.cli_certs import certs_app
+from fl.daemons_cli import client as fl_client
+from fl.daemons_cli import demo as fl_demo
+from fl.daemons_cli import server as fl_server
 
 app = typer.Typer(
     name="tensorwire",
@@ -18,6 +21,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(certs_app, name="certs")
+app.command(name="server")(fl_server)
+app.command(name="client")(fl_client)
+app.command(name="demo")(fl_demo)
 
 
 @app.command()
@@ -26,8 +32,8 @@ def version() -> None:
     typer.echo(transport.__version__)
 
 
-@app.command()
-def demo(
+@app.command(name="stream-demo")
+def stream_demo(
     size: Annotated[
         str, typer.Option(help="bytes of generated state dict to stream, e.g. 1GiB")
     ] = "1GiB",

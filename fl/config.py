@@ -1,0 +1,119 @@
+"""Daemon configuration: a TOML or YAML file, validated by pydantic, overridable by flags.
+
+A bad file is refused with one line per problem naming the field, e.g.
+`server.toml: fedavg.rounds: Input should be greater than or equal to 1 (got 0)`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
+class ConfigFileError(ValueError):
+    """The configuration file (or a flag) is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FedAvgSettings(_Strict):
+    """The job the server runs (FedAvg)."""
+
+    rounds: int = Field(3, ge=1)
+    num_clients: int | None = Field(None, ge=1)
+    min_clients: int = Field(1, ge=1)
+    wait_after_min: float | None = Field(None, ge=0)
+    join_timeout: float = Field(300.0, gt=0)
+    initial_model: str | None = None  # a safetensors file; None: the built-in task's MLP
+    model_size: str = "0"  # padding for the built-in task's MLP, e.g. "1GiB"
+    accumulator_dir: str | None = None  # keep the sums (and new models) in files here
+    save_path: str | None = None  # write the final model here (safetensors)
+
+
+class ServerConfig(_Strict):
+    """`tensorwire server`."""
+
+    listen: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:8765"], min_length=1)
+    job: str = "job"
+    pki_dir: str | None = None  # serve TLS with the PKI `tensorwire certs` made
+    auth_tokens: list[str] | None = None
+    idle_timeout: float = Field(120.0, gt=0)
+    heartbeat_timeout: float = Field(60.0, gt=0)
+    reconnect_grace: float = Field(10.0, gt=0)
+    fedavg: FedAvgSettings = Field(default_factory=FedAvgSettings)  # type: ignore[arg-type]
+
+
+class ClientConfig(_Strict):
+    """`tensorwire client`."""
+
+    server: str
+    site: str = Field(min_length=1, max_length=128)
+    script: str
+    args: list[str] = Field(default_factory=list)
+    mode: Literal["subprocess", "in-process"] = "subprocess"
+    token: str | None = None
+    pki_dir: str | None = None
+    heartbeat_interval: float = Field(5.0, gt=0)
+    connect_timeout: float = Field(300.0, gt=0)
+    idle_timeout: float = Field(120.0, gt=0)
+    max_restarts: int = Field(5, ge=0)
+    restart_backoff: float = Field(1.0, ge=0)
+
+
+def load_config(
+    kind: type[_Config], path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> _Config:
+    """Read `path` (TOML or YAML; None: defaults only), apply non-None `overrides` (dotted keys
+    for nested fields, e.g. "fedavg.rounds"), validate."""
+    data = _read(Path(path)) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as error:
+        where = str(path) if path is not None else "flags"
+        problems = [
+            f"{where}: {'.'.join(str(p) for p in item['loc']) or '(top)'}: {item['msg']}"
+            + (f" (got {item['input']!r})" if item["type"] != "missing" else "")
+            for item in error.errors()
+        ]
+        raise ConfigFileError("\n".join(problems)) from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigFileError(f"cannot read config file {path}: {error.strerror}") from None
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigFileError(f"{path}: use a .toml, .yaml or .yml file")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml  # type: ignore[import-untyped]  # only needed for YAML configs
+
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, ValueError) as error:
+        raise ConfigFileError(f"{path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    except Exception as error:  # yaml.YAMLError without importing yaml for TOML users
+        raise ConfigFileError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: the top level must be a table/mapping")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value

@@ -1,0 +1,230 @@
+"""`tensorwire demo`: a server and clients on loopback run FedAvg rounds of a real small task.
+
+The server runs in this process; each client is its own process running fl/demo_client.py through
+the Client API. The model is the task's MLP padded to `model_size` bytes, so each round streams
+that much to and from every client. The summary has one row per round: bytes moved, throughput,
+peak RSS above baseline of the server and of each client, and the global model's accuracy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.probes import RssSampler, format_size, parse_size
+from fl.client import ClientSettings
+from fl.fedavg import FedAvg, RoundReport
+from fl.model import FLModel
+from fl.server import FLServer
+from fl.task import MLP, evaluate, held_out_data
+
+
+@dataclass
+class DemoOptions:
+    rounds: int = 3
+    model_size: str = "1GiB"
+    clients: int = 2
+    driver: str = "tcp"
+    progress: bool = True
+
+
+def global_accuracy(model: FLModel) -> dict[str, float]:
+    """The global model's accuracy on the held-out set (only the trained layers are loaded)."""
+    network = MLP()
+    assert isinstance(model.params, dict)
+    layers = {name: t for name, t in model.params.items() if name.startswith("layers.")}
+    network.load_state_dict(layers, strict=False)
+    return {"accuracy": evaluate(network, *held_out_data())}
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run the demo; returns the JSON-able summary."""
+    padding = max(0, parse_size(options.model_size) - _bytes_of(MLP().state_dict()))
+    return asyncio.run(_run(options, padding))
+
+
+async def _run(options: DemoOptions, padding: int) -> dict[str, Any]:
+    state_dict = MLP(padding_bytes=padding).state_dict()
+    initial, model_bytes = FLModel(params=state_dict), _bytes_of(state_dict)
+    first_accuracy = global_accuracy(initial)["accuracy"]
+    progress = _Progress(options, model_bytes)
+    fedavg = FedAvg(
+        initial,
+        rounds=options.rounds,
+        num_clients=options.clients,
+        min_clients=options.clients,
+        evaluate=global_accuracy,
+        on_round=progress.round_done,
+        on_tensor=progress.tensor_arrived,
+    )
+    async with FLServer(job="demo") as server:
+        (url,) = await server.start([_listen_url(options.driver)])
+        fedavg.attach(server)
+        children = _start_clients(url, options.clients, padding)
+        try:
+            progress.start()
+            await fedavg.run()
+        finally:
+            progress.stop()
+            await server.stop_clients("demo finished")
+            await asyncio.to_thread(_reap, children)
+    return _summary(options, model_bytes, first_accuracy, fedavg.history, progress)
+
+
+def _bytes_of(state_dict: dict[str, torch.Tensor]) -> int:
+    return sum(int(tensor.nbytes) for tensor in state_dict.values())
+
+
+def _listen_url(driver: str) -> str:
+    if driver not in ("tcp", "grpc", "http"):
+        raise ValueError(
+            f"the demo runs over tcp, grpc or http (clients are processes), not {driver}"
+        )
+    return f"{driver}://127.0.0.1:0"
+
+
+def _start_clients(url: str, count: int, padding: int) -> list[subprocess.Popen[bytes]]:
+    children = []
+    for site in range(count):
+        settings = ClientSettings(server_url=url, site=f"site-{site}", heartbeat_interval=2.0)
+        command = [sys.executable, "-m", "fl.demo_client", "--site", str(site)]
+        command += ["--sites", str(count), "--padding-bytes", str(padding)]
+        env = {**os.environ, **settings.environment()}
+        children.append(subprocess.Popen(command, env=env))
+    return children
+
+
+def _reap(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+class _Progress:
+    """Progress bars (results arriving, per round) and the server's RSS per round."""
+
+    def __init__(self, options: DemoOptions, model_bytes: int) -> None:
+        self.options = options
+        self.model_bytes = model_bytes
+        self.bar: tqdm[Any] | None = None
+        self.sampler: RssSampler | None = None
+        self.server_peaks: list[float] = []
+        self.rounds_started = 0
+
+    def start(self) -> None:
+        self.sampler = RssSampler().start()
+        self._new_bar()
+
+    def _new_bar(self) -> None:
+        self.bar = tqdm(
+            total=self.model_bytes * self.options.clients,
+            desc=f"round {self.rounds_started + 1}/{self.options.rounds} results",
+            unit="B",
+            unit_scale=True,
+            disable=not self.options.progress,
+            file=sys.stderr,
+        )
+        self.rounds_started += 1
+
+    def tensor_arrived(self, client: str, name: str, tensor: torch.Tensor) -> None:
+        if self.bar is not None:
+            self.bar.update(tensor.nbytes)
+
+    def round_done(self, report: RoundReport) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.server_peaks.append(self.sampler.peak_above_baseline_mib)
+            baseline = self.sampler.baseline
+            self.sampler = RssSampler()
+            self.sampler.start()
+            self.sampler.baseline = baseline  # every round against the same pre-job baseline
+        if self.bar is not None:
+            self.bar.close()
+        if report.round + 1 < self.options.rounds:
+            self._new_bar()
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(
+    options: DemoOptions,
+    model_bytes: int,
+    first_accuracy: float,
+    history: list[RoundReport],
+    progress: _Progress,
+) -> dict[str, Any]:
+    rounds = [
+        {
+            "round": report.round + 1,
+            "clients": report.succeeded,
+            "failed": report.failed,
+            "bytes_moved": report.bytes_sent + report.bytes_received,
+            "seconds": round(report.seconds, 3),
+            "throughput_mb_s": round(report.throughput_mb_s, 1),
+            "server_peak_rss_mib": round(progress.server_peaks[index], 1),
+            "client_peak_rss_mib": {
+                client: round(metrics.get("peak_rss_mib", 0.0), 1)
+                for client, metrics in report.client_metrics.items()
+            },
+            "accuracy": round(report.metrics["accuracy"], 4),
+            "client_accuracy": {
+                client: round(metrics["accuracy"], 4)
+                for client, metrics in report.client_metrics.items()
+            },
+        }
+        for index, report in enumerate(history)
+    ]
+    return {
+        "driver": options.driver,
+        "clients": options.clients,
+        "model_bytes": model_bytes,
+        "initial_accuracy": round(first_accuracy, 4),
+        "rounds": rounds,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The summary as a table, one row per round."""
+    sites = sorted(summary["rounds"][0]["client_peak_rss_mib"]) if summary["rounds"] else []
+    head = ["round", "moved", "seconds", "MB/s", "server MiB"] + [f"{s} MiB" for s in sites]
+    head.append("accuracy")
+    rows = [
+        head,
+        ["0", "-", "-", "-", "-"] + ["-"] * len(sites) + [f"{summary['initial_accuracy']:.3f}"],
+    ]
+    for entry in summary["rounds"]:
+        rows.append(
+            [
+                str(entry["round"]),
+                format_size(entry["bytes_moved"]),
+                f"{entry['seconds']:.1f}",
+                f"{entry['throughput_mb_s']:,.0f}",
+                f"{entry['server_peak_rss_mib']:.0f}",
+                *(f"{entry['client_peak_rss_mib'].get(s, 0.0):.0f}" for s in sites),
+                f"{entry['accuracy']:.3f}",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    title = (
+        f"FedAvg, {summary['clients']} clients over {summary['driver']}, model "
+        f"{summary['model_bytes'] / 2**20:,.0f} MiB; peak RSS above baseline"
+    )
+    return "\n".join([title, *lines])

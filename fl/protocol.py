@@ -1,0 +1,155 @@
+"""The FL layer's messages: meta on state-dict transfers and small requests, all plain JSON.
+
+    server -> client  transfer  {"fl": "task", task_id, task, round, total_rounds,
+                                 params_type, meta}
+    client -> server  transfer  {"fl": "result", task_id, params_type, metrics, meta}
+    client -> server  request   {"fl": "hello"} | {"fl": "heartbeat", task_id?} |
+                                {"fl": "error", task_id, message}
+    server -> client  request   {"fl": "stop", reason}
+
+Everything that arrives is checked here; a malformed message is a ProtocolViolation naming the
+field, which the receiver turns into a rejected transfer or a failed request, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl.model import FLModel, ParamsType
+
+TASK, RESULT, HELLO, HEARTBEAT, ERROR, STOP = (
+    "task",
+    "result",
+    "hello",
+    "heartbeat",
+    "error",
+    "stop",
+)
+
+
+class ProtocolViolation(ValueError):
+    """A peer sent an FL message that does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a task transfer says about the model it carries."""
+
+    task_id: str
+    task: str
+    round: int | None
+    total_rounds: int | None
+    params_type: ParamsType
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResultInfo:
+    """What a result transfer says about the update it carries."""
+
+    task_id: str
+    params_type: ParamsType
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+
+
+def task_meta(task_id: str, task: str, model: FLModel) -> dict[str, Any]:
+    return {
+        "fl": TASK,
+        "task_id": task_id,
+        "task": task,
+        "round": model.current_round,
+        "total_rounds": model.total_rounds,
+        "params_type": model.params_type.value,
+        "meta": json_checked(model.meta, "meta"),
+    }
+
+
+def result_meta(task_id: str, model: FLModel) -> dict[str, Any]:
+    return {
+        "fl": RESULT,
+        "task_id": task_id,
+        "params_type": model.params_type.value,
+        "metrics": json_checked(model.metrics, "metrics"),
+        "meta": json_checked(model.meta, "meta"),
+    }
+
+
+def json_checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`value` as a plain dict, refused early (here, not on the wire) if JSON cannot carry it."""
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"FLModel.{what} must be JSON-able: {error}") from None
+    return dict(value)
+
+
+def kind_of(message: Mapping[str, Any]) -> str:
+    kind = message.get("fl")
+    return kind if isinstance(kind, str) else ""
+
+
+def parse_task(meta: Mapping[str, Any]) -> TaskInfo:
+    """A task transfer's meta, checked."""
+    _expect_kind(meta, TASK)
+    return TaskInfo(
+        task_id=_string(meta, "task_id"),
+        task=_string(meta, "task"),
+        round=_optional_int(meta, "round"),
+        total_rounds=_optional_int(meta, "total_rounds"),
+        params_type=_params_type(meta),
+        meta=_mapping(meta, "meta"),
+    )
+
+
+def parse_result(meta: Mapping[str, Any]) -> ResultInfo:
+    """A result transfer's meta, checked (metrics must be numbers)."""
+    _expect_kind(meta, RESULT)
+    metrics = _mapping(meta, "metrics")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolViolation(f"result metric {name!r} is {value!r}, not a number")
+    return ResultInfo(
+        task_id=_string(meta, "task_id"),
+        params_type=_params_type(meta),
+        metrics={name: float(value) for name, value in metrics.items()},
+        meta=_mapping(meta, "meta"),
+    )
+
+
+def _expect_kind(meta: Mapping[str, Any], kind: str) -> None:
+    if kind_of(meta) != kind:
+        raise ProtocolViolation(f"expected an FL {kind!r} message, got fl={meta.get('fl')!r}")
+
+
+def _string(meta: Mapping[str, Any], key: str) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ProtocolViolation(f"field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _optional_int(meta: Mapping[str, Any], key: str) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolViolation(f"field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _mapping(meta: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = meta.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ProtocolViolation(f"field {key!r} must be an object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _params_type(meta: Mapping[str, Any]) -> ParamsType:
+    try:
+        return ParamsType.parse(meta.get("params_type"))
+    except ValueError as error:
+        raise ProtocolViolation(str(error)) from None

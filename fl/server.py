@@ -1,0 +1,353 @@
+"""FLServer: the server side of a job. It owns the endpoint, knows the clients, sends tasks and
+routes their results back to whoever gathers them. Controllers use it through `Communicator`
+calls (see fl/controller.py); nothing here knows about any algorithm.
+
+A client is known by its node id (its site name), so a client process that restarts and connects
+again is the same client. A client that failed is data: `gather()` returns a ClientResult with
+`error` set for it, and the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fl.model import FLModel
+from fl.protocol import (
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    STOP,
+    ProtocolViolation,
+    ResultInfo,
+    kind_of,
+    parse_result,
+    task_meta,
+)
+from transport import Endpoint, EndpointConfig, IncomingTransfer, Peer, Sink, StateDictSink
+
+log = logging.getLogger(__name__)
+
+# Returns the sink a client's result is received into (FedAvg: a CallbackSink into its sums),
+# or raises to refuse the result (e.g. a manifest that does not match the model).
+SinkFactory = Callable[[str, ResultInfo, IncomingTransfer], Sink]
+
+
+@dataclass
+class ClientRecord:
+    """What the server knows about one client."""
+
+    name: str
+    peer: Peer
+    last_seen: float = field(default_factory=time.monotonic)
+    lost_since: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        return not self.peer.closed
+
+
+@dataclass
+class ClientResult:
+    """One client's answer to a task: `error` is None on success. `value` is what the sink's
+    commit() returned (a state dict for the default sink)."""
+
+    client: str
+    info: ResultInfo | None = None
+    value: Any = None
+    error: str | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Task:
+    """A model sent to some clients; its results are gathered by task id."""
+
+    task_id: str
+    name: str
+    clients: list[str]
+    sends: dict[str, asyncio.Task[int]] = field(default_factory=dict)
+    arrivals: dict[str, asyncio.Future[IncomingTransfer]] = field(default_factory=dict)
+    reported_errors: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+
+
+class FLServer:
+    """Listens, admits clients, sends tasks, gathers results."""
+
+    def __init__(
+        self,
+        config: EndpointConfig | None = None,
+        *,
+        job: str = "job",
+        heartbeat_timeout: float = 60.0,
+        reconnect_grace: float = 10.0,
+    ) -> None:
+        self.endpoint = Endpoint(config)
+        self.job = job
+        self.heartbeat_timeout = heartbeat_timeout
+        self.reconnect_grace = reconnect_grace
+        self.clients: dict[str, ClientRecord] = {}
+        self.tasks: dict[str, Task] = {}
+        self.urls: list[str] = []
+        self._joined = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._task_numbers = itertools.count(1)
+
+    async def start(self, urls: Sequence[str]) -> list[str]:
+        """Listen on every URL (one or more drivers); returns the bound URLs."""
+        self.endpoint.on_request(self._serve_request)
+        for url in urls:
+            self.urls.append(await self.endpoint.listen(url))
+        self._loops = [
+            asyncio.ensure_future(self._admit_clients()),
+            asyncio.ensure_future(self._route_results()),
+        ]
+        return self.urls
+
+    async def close(self, *, stop_clients: bool = True, reason: str = "job finished") -> None:
+        """Tell connected clients to stop (best effort), then close everything."""
+        if stop_clients:
+            await self.stop_clients(reason)
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self.endpoint.close()
+
+    async def __aenter__(self) -> FLServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(stop_clients=exc_info[0] is None)
+
+    # --- clients ---------------------------------------------------------------------------------
+
+    def live_clients(self) -> list[str]:
+        """Clients connected now whose heartbeat is recent, by name."""
+        now = time.monotonic()
+        return sorted(
+            name
+            for name, record in self.clients.items()
+            if record.connected and now - record.last_seen < self.heartbeat_timeout
+        )
+
+    async def wait_for_clients(self, count: int, within: float) -> list[str]:
+        """Wait until `count` clients are live or `within` seconds pass; returns the live ones."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while len(self.live_clients()) < count and loop.time() < deadline:
+            self._joined.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), min(0.2, deadline - loop.time()))
+        return self.live_clients()
+
+    async def stop_clients(self, reason: str) -> None:
+        async def stop(record: ClientRecord) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(record.peer.request({"fl": STOP, "reason": reason}), 5)
+
+        live = [record for record in self.clients.values() if record.connected]
+        await asyncio.gather(*(stop(record) for record in live))
+
+    async def _admit_clients(self) -> None:
+        async for peer in self.endpoint.accepted():
+            name = peer.node_id or f"anonymous-{len(self.clients)}"
+            self.clients[name] = ClientRecord(name, peer)
+            log.info("client %s joined from %s", name, peer.info)
+            self._joined.set()
+
+    def _seen(self, peer: Peer) -> ClientRecord | None:
+        record = self.clients.get(peer.node_id or "")
+        if record is not None:
+            record.last_seen = time.monotonic()
+            record.lost_since = None
+            self._joined.set()
+        return record
+
+    async def _serve_request(
+        self, peer: Peer, header: Mapping[str, Any], body: bytes
+    ) -> tuple[Mapping[str, Any], bytes]:
+        record = self._seen(peer)
+        kind = kind_of(header)
+        if record is None or kind not in (HELLO, HEARTBEAT, ERROR):
+            raise ProtocolViolation(f"unexpected FL request {kind!r} from {peer.node_id!r}")
+        if kind == ERROR:
+            self._client_reported(record.name, header)
+        elif kind == HELLO:
+            self._client_restarted(record.name)
+        return {"fl": kind, "job": self.job}, b""
+
+    def _client_restarted(self, client: str) -> None:
+        """A client says hello once per process: a task it had already received died with its
+        previous process (which may have come back faster than reconnect_grace)."""
+        for task in self.tasks.values():
+            reported = task.reported_errors.get(client)
+            send = task.sends.get(client)
+            if reported and not reported.done() and send and send.done():
+                reported.set_result("the client restarted before returning its result")
+
+    def _client_reported(self, client: str, header: Mapping[str, Any]) -> None:
+        task = self.tasks.get(str(header.get("task_id")))
+        waiting = task.reported_errors.get(client) if task else None
+        if waiting is None or waiting.done():
+            raise ProtocolViolation(f"client {client} reported an error for no task of its own")
+        waiting.set_result(str(header.get("message", "the client reported an error"))[:4000])
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    def send_model(self, model: FLModel, clients: Sequence[str], task_name: str = "train") -> Task:
+        """Start streaming `model` to each client (in the background); gather() the results."""
+        if model.params is None:
+            raise ValueError("send_model needs a model with params")
+        task = Task(f"{self.job}-{next(self._task_numbers)}", task_name, list(clients))
+        meta = task_meta(task.task_id, task_name, model)
+        loop = asyncio.get_running_loop()
+        for client in task.clients:
+            task.arrivals[client] = loop.create_future()
+            task.reported_errors[client] = loop.create_future()
+            task.sends[client] = asyncio.ensure_future(self._send(client, model, meta, task))
+        self.tasks[task.task_id] = task
+        return task
+
+    async def _send(self, client: str, model: FLModel, meta: dict[str, Any], task: Task) -> int:
+        record = self.clients.get(client)
+        if record is None:
+            raise LookupError(f"no client named {client!r} has joined")
+        assert model.params is not None
+        transfer_id = f"{task.task_id}/{client}"
+        result = await record.peer.send_state_dict(model.params, meta=meta, transfer_id=transfer_id)
+        return result.bytes
+
+    async def _route_results(self) -> None:
+        async for transfer in self.endpoint.incoming():
+            try:
+                info = parse_result(transfer.meta)
+                task = self.tasks.get(info.task_id)
+                arrival = task.arrivals.get(transfer.peer_node or "") if task else None
+                if arrival is None or arrival.done():
+                    raise ProtocolViolation(f"no result for task {info.task_id!r} is expected")
+            except ProtocolViolation as violation:
+                log.warning("refusing a transfer from %s: %s", transfer.peer_node, violation)
+                transfer.reject(str(violation))
+                continue
+            arrival.set_result(transfer)
+
+    async def gather(
+        self,
+        task: Task,
+        sink_for: SinkFactory | None = None,
+        *,
+        min_clients: int = 1,
+        wait_after_min: float | None = None,
+        on_result: Callable[[ClientResult], None] | None = None,
+    ) -> list[ClientResult]:
+        """Every client's result for `task`, failures included (as errors).
+
+        Waiting is progress-aware: a client is given up on when it is disconnected for longer
+        than reconnect_grace, silent for heartbeat_timeout, or its upload stalls for the
+        endpoint's idle_timeout; never because a large upload takes long. Once `min_clients`
+        results are in, the others get `wait_after_min` seconds more (None: as long as they are
+        alive)."""
+        pending = {
+            asyncio.ensure_future(self._collect(task, client, sink_for)): client
+            for client in task.clients
+        }
+        results: list[ClientResult] = []
+        deadline: float | None = None
+        loop = asyncio.get_running_loop()
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
+            if not done:
+                results += await _cancel_late(pending, wait_after_min)
+                break
+            for finished in done:
+                pending.pop(finished)
+                results.append(finished.result())
+                if on_result is not None:
+                    on_result(results[-1])
+            ok_count = sum(result.ok for result in results)
+            if deadline is None and wait_after_min is not None and ok_count >= min_clients:
+                deadline = loop.time() + wait_after_min
+        self.tasks.pop(task.task_id, None)
+        return sorted(results, key=lambda result: result.client)
+
+    async def _collect(self, task: Task, client: str, sink_for: SinkFactory | None) -> ClientResult:
+        started = time.perf_counter()
+        result = ClientResult(client)
+        try:
+            result.bytes_sent = await task.sends[client]
+            transfer = await self._await_result(task, client)
+            result.info = parse_result(transfer.meta)
+            sink = _sink_or_reject(transfer, client, result.info, sink_for)
+            result.value = await transfer.receive_into(sink)
+            result.bytes_received = transfer.manifest.total_bytes if transfer.manifest else 0
+        except asyncio.CancelledError:
+            task.sends[client].cancel()
+            raise
+        except Exception as error:
+            task.sends[client].cancel()
+            result.error = f"{type(error).__name__}: {error}"
+            log.warning("client %s failed task %s: %s", client, task.task_id, result.error)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    async def _await_result(self, task: Task, client: str) -> IncomingTransfer:
+        """The client's result transfer, or an error once it reported one or was lost."""
+        arrival, reported = task.arrivals[client], task.reported_errors[client]
+        either: list[asyncio.Future[Any]] = [arrival, reported]
+        while True:
+            await asyncio.wait(either, timeout=0.2)
+            if arrival.done():
+                return arrival.result()
+            if reported.done():
+                raise ClientFailed(f"the client reported: {reported.result()}")
+            self._check_alive(client)
+
+    def _check_alive(self, client: str) -> None:
+        record = self.clients[client]
+        now = time.monotonic()
+        if record.connected:
+            record.lost_since = None
+        elif record.lost_since is None:
+            record.lost_since = now
+        elif now - record.lost_since > self.reconnect_grace:
+            raise ClientFailed(f"disconnected for more than {self.reconnect_grace:g} s")
+        if now - record.last_seen > self.heartbeat_timeout:
+            raise ClientFailed(f"no heartbeat for {self.heartbeat_timeout:g} s")
+
+
+def _sink_or_reject(
+    transfer: IncomingTransfer, client: str, info: ResultInfo, sink_for: SinkFactory | None
+) -> Sink:
+    """The sink for a result, or the result refused (the client sees why) and the error raised."""
+    try:
+        return sink_for(client, info, transfer) if sink_for else StateDictSink()
+    except Exception as error:
+        transfer.reject(f"result refused: {error}")
+        raise
+
+
+class ClientFailed(Exception):
+    """A client did not deliver its result (reported error, lost, silent)."""
+
+
+async def _cancel_late(
+    pending: dict[asyncio.Task[ClientResult], str], wait_after_min: float | None
+) -> list[ClientResult]:
+    for waiting in pending:
+        waiting.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    reason = f"late: still running {wait_after_min:g} s after min_clients results were in"
+    return [ClientResult(client, error=reason) for client in pending.values()]

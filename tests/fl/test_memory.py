@@ -1,0 +1,86 @@
+"""Server memory during streaming FedAvg: 3 client processes each return a 2 GiB model.
+
+The server's peak RSS above its baseline must stay under one model + 512 MiB with the sums in
+memory, and under 512 MiB with the sums in a file. The models are synthetic float32 (never
+stored by the clients; the global model is never stored by the server either), so the figures
+are what aggregation and the transport cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.probes import RssSampler
+from fl.fedavg import FedAvg
+from fl.model import FLModel
+from fl.server import FLServer
+from tests.fl.helpers import client_settings
+from transport import EndpointConfig, SyntheticSource
+
+MODEL_BYTES = 2 * 2**30
+MIB = 2**20
+SCRIPT = Path(__file__).parent / "scripts" / "site.py"
+ROOT = Path(__file__).parents[2]
+
+
+def start_site(url: str, site: str) -> subprocess.Popen[bytes]:
+    settings = client_settings(url, site, endpoint_overrides={})
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT)],
+        env={
+            **os.environ,
+            **settings.environment(),
+            "SITE_SYNTHETIC_BYTES": str(MODEL_BYTES),
+            "PYTHONPATH": str(ROOT),
+        },
+    )
+
+
+async def aggregate_once(accumulator_dir: Path | None) -> tuple[float, FedAvg]:
+    fedavg = FedAvg(
+        FLModel(params=SyntheticSource(MODEL_BYTES, dtype="F32")),
+        rounds=1,
+        num_clients=3,
+        min_clients=3,
+        accumulator_dir=accumulator_dir,
+    )
+    server = FLServer(EndpointConfig(idle_timeout=60), heartbeat_timeout=60)
+    async with server:
+        (url,) = await server.start(["tcp://127.0.0.1:0"])
+        fedavg.attach(server)
+        sites = [start_site(url, f"site-{i}") for i in range(3)]
+        await server.wait_for_clients(3, 120)
+        sampler = RssSampler().start()
+        try:
+            await fedavg.run()
+        finally:
+            sampler.stop()
+            await server.stop_clients("done")
+            for site in sites:
+                await asyncio.to_thread(site.wait, 60)
+    return sampler.peak_above_baseline_mib, fedavg
+
+
+@pytest.mark.slow
+async def test_in_memory_sums_cost_one_model() -> None:
+    peak, fedavg = await aggregate_once(None)
+    print(f"server peak above baseline, sums in memory: {peak:.0f} MiB")
+    assert fedavg.history[0].succeeded == ["site-0", "site-1", "site-2"]
+    assert fedavg.history[0].bytes_received == 3 * MODEL_BYTES
+    assert peak < MODEL_BYTES / MIB + 512
+
+
+@pytest.mark.slow
+async def test_file_backed_sums_cost_under_512_mib(tmp_path: Path) -> None:
+    peak, fedavg = await aggregate_once(tmp_path)
+    print(f"server peak above baseline, sums in a file: {peak:.0f} MiB")
+    assert fedavg.history[0].bytes_received == 3 * MODEL_BYTES
+    assert peak < 512
+    assert (tmp_path / "global-0.safetensors").stat().st_size > MODEL_BYTES
+    (tmp_path / "global-0.safetensors").unlink()
