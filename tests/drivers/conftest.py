@@ -1,5 +1,6 @@
-"""Fixtures for the driver conformance suite: every test runs over memory, tcp and tcps, on the
-stdlib asyncio loop and on uvloop, with real sockets on 127.0.0.1 and real certificates."""
+"""Fixtures for the driver conformance suite: every test runs over every built-in driver kind
+(memory, tcp, tcps, grpc, grpcs, http, https), on the stdlib asyncio loop and on uvloop, with
+real sockets on 127.0.0.1, real grpc.aio and aiohttp servers, and real certificates."""
 
 from __future__ import annotations
 
@@ -19,12 +20,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.drivers.receivers import EchoReceiver, RecordingReceiver
-from transport.drivers import MemoryDriver, TcpDriver, TcpOptions, TLSConfig
+from transport.drivers import (
+    GrpcDriver,
+    GrpcOptions,
+    HttpDriver,
+    HttpOptions,
+    MemoryDriver,
+    TcpDriver,
+    TcpOptions,
+    TLSConfig,
+)
 from transport.drivers.base import ByteReceiver, Driver, DriverConnection, Listener
 
 KiB = 1024
 MiB = 1024 * KiB
-DRIVER_KINDS = ("memory", "tcp", "tcps")
+DRIVER_KINDS = ("memory", "tcp", "tcps", "grpc", "grpcs", "http", "https")
+TLS_KINDS = ("tcps", "grpcs", "https")
+GRPC_KINDS = ("grpc", "grpcs")
+HTTP_KINDS = ("http", "https")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
@@ -185,24 +198,50 @@ class DriverUnderTest:
                 receiver.task.cancel()
         for listener in self.listeners:
             await listener.close()
-        await asyncio.sleep(0.01)  # let connection_lost callbacks run before the loop closes
+        # Let connection_lost callbacks (and aiohttp's client sessions) finish before the loop
+        # closes.
+        await asyncio.sleep(0.05 if self.kind in HTTP_KINDS else 0.01)
 
 
 def make_driver_under_test(kind: str, certs: Certs, *, small_buffers: bool) -> DriverUnderTest:
-    """`small_buffers`: tiny high-water marks and socket buffers, so back-pressure shows after
-    a few hundred KiB instead of tens of MiB."""
+    """`small_buffers`: tiny high-water marks, socket buffers and HTTP/2 windows, so
+    back-pressure shows after a few hundred KiB instead of tens of MiB."""
     if kind == "memory":
         driver: Driver = MemoryDriver(high_water=256 * KiB) if small_buffers else MemoryDriver()
         return DriverUnderTest(kind, driver, "memory://", None, None)
-    options = TcpOptions()
-    if small_buffers:
-        options = TcpOptions(
-            write_high_water=256 * KiB, send_buffer_size=64 * KiB, recv_buffer_size=64 * KiB
-        )
-    if kind == "tcp":
-        return DriverUnderTest(kind, TcpDriver(options), "tcp://127.0.0.1:0", None, None)
-    return DriverUnderTest(
-        kind, TcpDriver(options), "tcps://127.0.0.1:0", certs.server_tls(), certs.client_tls()
+    if kind in ("tcp", "tcps"):
+        driver = TcpDriver(_tcp_options(small_buffers))
+    elif kind in GRPC_KINDS:
+        driver = GrpcDriver(_grpc_options(small_buffers))
+    else:
+        driver = HttpDriver(_http_options(small_buffers))
+    listen_url = f"{kind}://127.0.0.1:0"
+    if kind in TLS_KINDS:
+        return DriverUnderTest(kind, driver, listen_url, certs.server_tls(), certs.client_tls())
+    return DriverUnderTest(kind, driver, listen_url, None, None)
+
+
+def _tcp_options(small_buffers: bool) -> TcpOptions:
+    if not small_buffers:
+        return TcpOptions()
+    return TcpOptions(
+        write_high_water=256 * KiB, send_buffer_size=64 * KiB, recv_buffer_size=64 * KiB
+    )
+
+
+def _grpc_options(small_buffers: bool) -> GrpcOptions:
+    if not small_buffers:
+        return GrpcOptions(connect_timeout=5.0)
+    # Tiny HTTP/2 windows and no BDP probing, so back-pressure shows after a few hundred KiB.
+    return GrpcOptions(stream_window=64 * KiB, bdp_probe=False, connect_timeout=5.0)
+
+
+def _http_options(small_buffers: bool) -> HttpOptions | None:
+    # aiohttp does not expose the socket buffers: they stay autotuned by the kernel.
+    return (
+        HttpOptions(write_high_water=256 * KiB, read_buffer_size=64 * KiB)
+        if small_buffers
+        else None
     )
 
 

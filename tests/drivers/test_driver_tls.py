@@ -1,4 +1,5 @@
-"""tcps://: server verification, mutual TLS, peer identities, and TLS configuration errors."""
+"""tcps://, grpcs:// and https://: server verification, mutual TLS, peer identities, and TLS
+configuration errors."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.drivers.conftest import Certs, DriverUnderTest, make_driver_under_test
+from tests.drivers.conftest import TLS_KINDS, Certs, DriverUnderTest, make_driver_under_test
 from tests.drivers.receivers import EchoReceiver, RecordingReceiver
-from transport.drivers import TcpDriver, TLSConfig
+from transport.drivers import TcpDriver, TLSConfig, driver_for
 from transport.drivers.base import Listener
 from transport.exceptions import ConfigError, ConnectError, ConnectionClosedError
 
 
-@pytest.fixture
-async def tls_server(certs: Certs) -> AsyncIterator[tuple[DriverUnderTest, Listener]]:
-    """A tcps echo listener that requires a client certificate from the test CA."""
-    harness = make_driver_under_test("tcps", certs, small_buffers=False)
+@pytest.fixture(params=TLS_KINDS)
+async def tls_server(
+    request: pytest.FixtureRequest, certs: Certs
+) -> AsyncIterator[tuple[DriverUnderTest, Listener]]:
+    """An echo listener of each TLS kind that requires a client certificate from the test CA."""
+    harness = make_driver_under_test(request.param, certs, small_buffers=False)
     listener = await harness.listen(EchoReceiver)
     yield harness, listener
     await harness.aclose()
@@ -61,9 +64,11 @@ async def test_mutual_tls_reports_both_identities(
     await conn.send([b"x"])
     await harness.accepted_receiver()
 
-    assert conn.peer.peer_identity == "localhost"
+    # grpc python does not show the client the server's certificate.
+    server_identity = None if harness.kind == "grpcs" else "localhost"
+    assert conn.peer.peer_identity == server_identity
     assert harness.accepted[0][0].peer.peer_identity == "site-1"
-    assert harness.accepted[0][0].peer.scheme == "tcps"
+    assert harness.accepted[0][0].peer.scheme == harness.kind
 
 
 @pytest.mark.parametrize("client", ["no certificate", "certificate from another CA"])
@@ -79,8 +84,14 @@ async def test_server_refuses_bad_client_and_keeps_serving(
             key_file=certs.foreign_client_key,
         )
 
-    await assert_refused(harness, listener.url, bad_tls)
+    if harness.kind == "grpcs":  # grpc finishes the handshake before the call: refused at once
+        with pytest.raises(ConnectError, match=f"cannot connect to {listener.url}"):
+            await harness.connect(listener.url, RecordingReceiver(), tls=bad_tls)
+    else:
+        await assert_refused(harness, listener.url, bad_tls)
+    assert not harness.accepted
     await assert_serves(harness, listener.url, certs.client_tls())
+    assert len(harness.accepted) == 1  # only the good client reached accept()
 
 
 async def test_client_refuses_server_it_cannot_verify(
@@ -89,7 +100,9 @@ async def test_client_refuses_server_it_cannot_verify(
     harness, listener = tls_server
     no_ca = TLSConfig(cert_file=certs.client_cert, key_file=certs.client_key)  # system CAs only
 
-    with pytest.raises(ConnectError, match=rf"cannot connect to {listener.url}.*(?i:certificate)"):
+    # grpc does not say why the handshake failed.
+    why = "" if harness.kind == "grpcs" else ".*(?i:certificate)"
+    with pytest.raises(ConnectError, match=rf"cannot connect to {listener.url}{why}"):
         await harness.connect(listener.url, RecordingReceiver(), tls=no_ca)
     await assert_serves(harness, listener.url, certs.client_tls())
 
@@ -98,21 +111,20 @@ async def test_client_checks_the_server_hostname(
     tls_server: tuple[DriverUnderTest, Listener], certs: Certs
 ) -> None:
     harness, listener = tls_server
-    wrong_name = TLSConfig(
-        ca_file=certs.ca,
-        cert_file=certs.client_cert,
-        key_file=certs.client_key,
-        server_hostname="not-the-server.example",
-    )
+    settings = {"ca_file": certs.ca, "cert_file": certs.client_cert, "key_file": certs.client_key}
 
-    with pytest.raises(ConnectError, match="cannot connect to"):
-        await harness.connect(listener.url, RecordingReceiver(), tls=wrong_name)
+    with pytest.raises(ConnectError, match=f"cannot connect to {listener.url}"):
+        await harness.connect(
+            listener.url,
+            RecordingReceiver(),
+            tls=TLSConfig(**settings, server_hostname="not-the-server.example"),
+        )
+    await assert_serves(harness, listener.url, TLSConfig(**settings, server_hostname="localhost"))
 
 
-async def test_plain_tcp_client_gets_nothing_from_a_tls_server(
-    tls_server: tuple[DriverUnderTest, Listener],
-) -> None:
-    _, listener = tls_server
+async def test_plain_tcp_client_gets_nothing_from_a_tls_server(certs: Certs) -> None:
+    harness = make_driver_under_test("tcps", certs, small_buffers=False)
+    listener = await harness.listen(EchoReceiver)
     plain_url = listener.url.replace("tcps://", "tcp://")
     receiver = RecordingReceiver()
     conn = await TcpDriver().connect(plain_url, receiver)
@@ -120,6 +132,7 @@ async def test_plain_tcp_client_gets_nothing_from_a_tls_server(
 
     assert isinstance(await asyncio.wait_for(receiver.lost, 10), ConnectionClosedError | None)
     assert not receiver.data
+    await harness.aclose()
 
 
 @pytest.mark.parametrize(
@@ -146,9 +159,27 @@ def test_server_settings_need_a_certificate_and_a_ca_for_client_certs(certs: Cer
         ).server_context()
 
 
-async def test_tls_scheme_and_settings_must_agree(certs: Certs) -> None:
-    driver = TcpDriver()
-    with pytest.raises(ConfigError, match="a tcps:// listener needs a TLSConfig"):
-        await driver.listen("tcps://127.0.0.1:0", lambda conn: RecordingReceiver())
-    with pytest.raises(ConfigError, match="TLS settings given for a plain tcp:// URL"):
-        await driver.connect("tcp://127.0.0.1:1", RecordingReceiver(), tls=certs.client_tls())
+@pytest.mark.parametrize(
+    ("tls_scheme", "plain_scheme", "listener_complaint"),
+    [
+        ("tcps", "tcp", "a tcps:// listener needs a TLSConfig"),
+        ("grpcs", "grpc", "a grpcs:// listener needs a TLSConfig"),
+        ("https", "http", "an https:// listener needs a TLSConfig"),
+    ],
+)
+async def test_tls_scheme_and_settings_must_agree(
+    certs: Certs, tls_scheme: str, plain_scheme: str, listener_complaint: str
+) -> None:
+    driver = driver_for(f"{tls_scheme}://127.0.0.1:1")
+    with pytest.raises(ConfigError, match=listener_complaint):
+        await driver.listen(f"{tls_scheme}://127.0.0.1:0", lambda conn: RecordingReceiver())
+    with pytest.raises(ConfigError, match=f"TLS settings given for a plain {plain_scheme}:// URL"):
+        await driver.connect(
+            f"{plain_scheme}://127.0.0.1:1", RecordingReceiver(), tls=certs.client_tls()
+        )
+    with pytest.raises(ConfigError, match=r"cannot load ca_file='/nonexistent/ca\.pem'"):
+        await driver.connect(
+            f"{tls_scheme}://127.0.0.1:1",
+            RecordingReceiver(),
+            tls=TLSConfig(ca_file="/nonexistent/ca.pem"),
+        )
