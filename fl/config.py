@@ -6,12 +6,14 @@ A bad file is refused with one line per problem naming the field, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 _Config = TypeVar("_Config", bound=BaseModel)
 
@@ -43,12 +45,26 @@ class ServerConfig(_Strict):
 
     listen: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:8765"], min_length=1)
     job: str = "job"
-    pki_dir: str | None = None  # serve TLS with the PKI `tensorwire certs` made
+    pki_dir: str | None = None  # serve mutual TLS with the PKI `tensorwire certs` made
     auth_tokens: list[str] | None = None
+    allowed_clients: list[str] | None = None  # certificate names (CN) admitted; None: any
+    # Plain connections are only for loopback: a daemon listening on the network requires
+    # pki_dir (mutual TLS) unless this is set on purpose.
+    insecure: bool = False
     idle_timeout: float = Field(120.0, gt=0)
     heartbeat_timeout: float = Field(60.0, gt=0)
     reconnect_grace: float = Field(10.0, gt=0)
     fedavg: FedAvgSettings = Field(default_factory=FedAvgSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _mutual_tls_off_loopback(self) -> ServerConfig:
+        exposed = [url for url in self.listen if not _is_loopback(url)]
+        if exposed and self.pki_dir is None and not self.insecure:
+            raise ValueError(
+                f"listening on {', '.join(exposed)} needs mutual TLS: set pki_dir (make one with "
+                "`tensorwire certs init`) or insecure = true"
+            )
+        return self
 
 
 class ClientConfig(_Strict):
@@ -66,6 +82,19 @@ class ClientConfig(_Strict):
     idle_timeout: float = Field(120.0, gt=0)
     max_restarts: int = Field(5, ge=0)
     restart_backoff: float = Field(1.0, ge=0)
+
+
+def _is_loopback(url: str) -> bool:
+    """memory:// and addresses on this machine only (127.0.0.0/8, ::1, localhost)."""
+    if url.startswith("memory:"):
+        return True
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_config(

@@ -43,6 +43,7 @@ def server_endpoint_config(config: ServerConfig) -> EndpointConfig:
         idle_timeout=config.idle_timeout,
         tls=server_tls(Path(config.pki_dir)) if config.pki_dir else None,
         auth_tokens=frozenset(config.auth_tokens) if config.auth_tokens else None,
+        allowed_identities=frozenset(config.allowed_clients) if config.allowed_clients else None,
     )
 
 

@@ -141,3 +141,16 @@ def test_demo_json_summary() -> None:
         assert entry["bytes_moved"] == 4 * summary["model_bytes"]
         assert set(entry["client_peak_rss_mib"]) == {"site-0", "site-1"}
     assert summary["rounds"][-1]["accuracy"] > summary["initial_accuracy"]
+
+
+def test_a_daemon_on_the_network_requires_mutual_tls() -> None:
+    from fl.config import ConfigFileError, ServerConfig, load_config
+
+    with pytest.raises(ConfigFileError, match="needs mutual TLS"):
+        load_config(ServerConfig, None, {"listen": ["tcp://0.0.0.0:8765"]})
+    assert load_config(ServerConfig, None, {"listen": ["tcp://127.0.0.1:8765"]}).pki_dir is None
+    relaxed = load_config(ServerConfig, None, {"listen": ["tcp://0.0.0.0:8765"], "insecure": True})
+    assert relaxed.insecure
+    tls = {"listen": ["grpcs://0.0.0.0:8765"], "pki_dir": "pki"}
+    secured = load_config(ServerConfig, None, tls)
+    assert secured.pki_dir == "pki"
