@@ -10,6 +10,7 @@ import typer
 
 import transport
 from fl.cli_certs import certs_app
+from fl.cli_ops import register_ops_commands
 from fl.daemons_cli import client as fl_client
 from fl.daemons_cli import demo as fl_demo
 from fl.daemons_cli import server as fl_server
@@ -24,6 +25,7 @@ app.add_typer(certs_app, name="certs")
 app.command(name="server")(fl_server)
 app.command(name="client")(fl_client)
 app.command(name="demo")(fl_demo)
+register_ops_commands(app)
 
 
 @app.command()

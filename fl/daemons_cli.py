@@ -5,13 +5,20 @@ Run them directly with `python -m fl.daemons_cli COMMAND ...`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from typing import Annotated
 
 import typer
 
+from fl.cli_ops import (
+    LogFormatOption,
+    LogLevelOption,
+    MetricsHostOption,
+    MetricsPortOption,
+    run_client_daemon,
+    run_server_daemon,
+    setup_ops,
+)
 from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_config
 
 fl_app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -32,10 +39,12 @@ def server(
     min_clients: Annotated[int | None, typer.Option(help="results needed per round")] = None,
     num_clients: Annotated[int | None, typer.Option(help="clients sampled per round")] = None,
     model_size: Annotated[str | None, typer.Option(help="built-in task model size")] = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = "kv",
+    log_level: LogLevelOption = "INFO",
 ) -> None:
     """Listen for clients and run the job's FedAvg controller; SIGTERM stops it gracefully."""
-    from fl.daemons import serve
-
     overrides = {
         "listen": listen or None,
         "fedavg.rounds": rounds,
@@ -47,8 +56,8 @@ def server(
         settings = load_config(ServerConfig, config, overrides)
     except ConfigFileError as error:
         raise _fail(error) from None
-    logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(settings))
+    ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
+    run_server_daemon(settings, ops)
 
 
 @fl_app.command()
@@ -59,10 +68,12 @@ def client(
     script: Annotated[str | None, typer.Option(help="the training script")] = None,
     in_process: Annotated[bool, typer.Option(help="run the script in this process")] = False,
     args: Annotated[list[str] | None, typer.Argument(help="arguments for the script")] = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = "kv",
+    log_level: LogLevelOption = "INFO",
 ) -> None:
     """Run this site's training script (restarted on failure) until the server ends the job."""
-    from fl.daemons import run_client
-
     overrides = {
         "server": server,
         "site": site,
@@ -72,7 +83,8 @@ def client(
     }
     try:
         settings = load_config(ClientConfig, config, overrides)
-        status = run_client(settings)
+        ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
+        status = run_client_daemon(settings, ops)
     except (ConfigFileError, FileNotFoundError) as error:
         raise _fail(error) from None
     raise typer.Exit(status)

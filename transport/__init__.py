@@ -4,6 +4,7 @@ or memory, with memory bounded by a window, per-chunk integrity and one idle tim
 This module is the public API; everything else in the package is internal and may change.
 """
 
+from transport import logs, metrics
 from transport.certs import (
     CertificateFiles,
     client_tls,
@@ -60,6 +61,8 @@ __all__ = [
     "create_ca",
     "create_pki",
     "issue_certificate",
+    "logs",
+    "metrics",
     "server_tls",
     "tls_config_for",
     *_exception_names,

@@ -22,6 +22,7 @@ from hmac import compare_digest
 from types import TracebackType
 from typing import Any
 
+from transport import metrics
 from transport.drivers import DriverConnection, Listener, driver_for
 from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig
 from transport.endpoint.link import Link
@@ -87,6 +88,7 @@ class Endpoint:
         """Accept connections on `url`; returns the bound URL (port 0 becomes the real port)."""
         listener = await driver_for(url).listen(url, self._accept, tls=self.config.tls)
         self._listeners.append(listener)
+        metrics.listening(listener.url)
         return listener.url
 
     async def connect(self, url: str) -> Peer:
@@ -133,6 +135,7 @@ class Endpoint:
     async def close(self) -> None:
         """Stop listening and close every connection."""
         for listener in self._listeners:
+            metrics.listening(listener.url, active=False)
             await listener.close()
         self._listeners.clear()
         for peer in list(self._peers.values()):

@@ -34,6 +34,7 @@ from transport.exceptions import (
     TransportError,
     TruncatedFrameError,
 )
+from transport.metrics import LinkMetrics
 from transport.wire import Buffer
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class Link:
         self.bytes_out = 0
         self.on_closed: Callable[[Link], None] | None = None
         self.on_hello: Callable[[Link], None] | None = None
+        self.metrics = LinkMetrics()
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Link:
         that connects and stalls must not hold a slot for long).
         """
         self._driver = driver
+        self.metrics.opened(driver.peer.scheme, lambda: (len(self._sending), len(self._receiving)))
         self._protocol.send_hello({**(hello or {}), "protocol": 1, "node": self._node_id})
         self._schedule_flush()
         if self._heartbeat_interval > 0:
@@ -177,6 +180,7 @@ class Link:
         Waiters are woken first (with ConnectionClosedError), so nothing blocked on credit
         outlives the close; then the GOAWAY gets up to idle_timeout to go out."""
         was_open = self.error is None
+        self.metrics.closing()
         if was_open and not self._protocol.closed:
             self._protocol.close("normal", "closing")
         self._fail(ConnectionClosedError("connection closed locally"))
@@ -193,6 +197,7 @@ class Link:
         if self.error is not None:
             return
         self.error = error
+        self.metrics.closed(error)
         for slot in self._sending.values():
             slot.fail(error)
         for transfer in list(self._receiving.values()):
@@ -224,6 +229,7 @@ class Link:
         if self.error is not None:
             return
         self.bytes_in += nbytes
+        self.metrics.received(nbytes)
         self.last_received = self._loop.time()
         try:
             self._protocol.buffer_updated(nbytes)
@@ -281,6 +287,8 @@ class Link:
         self._schedule_flush()
 
     def _route(self, event: sfm.Event) -> None:
+        if isinstance(event, sfm.DataReceived):
+            self.metrics.chunk_received(memoryview(event.payload).nbytes)
         if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
             transfer = self._receiving.get(event.stream_id)
             if transfer is not None:
@@ -302,10 +310,13 @@ class Link:
         elif isinstance(event, sfm.HelloReceived):
             self.remote_hello = event.header
             self.remote_node = str(event.header.get("node", "")) or None
+            self.metrics.named(self.remote_node)
             if self.on_hello is not None:
                 self.on_hello(self)
         elif isinstance(event, sfm.GoAwayReceived) and event.code != "normal":
             self._fail(RemoteError(f"peer closed the connection: {event.reason}", code=event.code))
+        elif isinstance(event, sfm.GoAwayReceived):
+            self.metrics.closing()  # a normal goodbye: the close that follows is no error
 
     def _wake_senders(self, stream_id: int) -> None:
         slots = self._sending.values() if stream_id == 0 else [self._sending.get(stream_id)]
@@ -369,7 +380,9 @@ class Link:
             parts = self._protocol.data_to_send()
             if not parts or self._driver is None:
                 return
-            self.bytes_out += sum(memoryview(part).nbytes for part in parts)
+            nbytes = sum(memoryview(part).nbytes for part in parts)
+            self.bytes_out += nbytes
+            self.metrics.sent(nbytes)
             try:
                 await self._driver.send(parts)
             except TransportError as error:
@@ -450,8 +463,13 @@ class Link:
             if self._protocol.send_window(stream_id) >= nbytes:
                 break
             slot.credit.clear()
-            await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
+            stalled_at = self._loop.time()
+            try:
+                await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
+            finally:
+                self.metrics.stalled(self._loop.time() - stalled_at)
         checksum = self._protocol.send_data(stream_id, index, parts, header, flags)
+        self.metrics.chunk_sent(nbytes)
         self.last_progress = self._loop.time()
         await self.flush()
         return checksum

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from transport import metrics
 from transport.drivers import PeerInfo
 from transport.endpoint.link import Link
 from transport.endpoint.sending import (
@@ -27,7 +28,8 @@ from transport.endpoint.sending import (
     send_source,
 )
 from transport.exceptions import ConnectionClosedError, TransportError
-from transport.payload import Source, StateDictSource
+from transport.logs import TransferRecord
+from transport.payload import Source, StateDictSource, plan_chunks
 from transport.wire import Buffer
 
 if TYPE_CHECKING:
@@ -87,7 +89,14 @@ class Peer:
         config = self._endpoint.config
         codec = (config.compression_policy(), self._endpoint.codec_pool)
         stripes = streams if streams is not None else config.streams
-        return await send_source(self, source, meta, transfer_id, codec, stripes)
+        nbytes, chunks = source.manifest.total_bytes, len(plan_chunks(source.manifest))
+        with TransferRecord("sent", transfer_id, nbytes, chunks, self.node_id) as record:
+            record.begin()
+            result = await send_source(self, source, meta, transfer_id, codec, stripes)
+            record.transfer_id, record.resumes = result.transfer_id, result.resumes
+            metrics.resumed("sent", result.resumes)
+            record.peer = self.node_id  # known once connected
+        return result
 
     async def send_file(
         self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None
@@ -152,6 +161,7 @@ class Peer:
             else:
                 await self._await_return(failed, error)
             self.reconnects += 1
+            metrics.reconnected()
             return self._link
 
     async def stripe_links(self, count: int) -> list[Link]:

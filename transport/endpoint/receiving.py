@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transport import sfm
+from transport import metrics, sfm
 from transport.codecs import ChunkDecompressor
 from transport.endpoint.compression import blob_checksum, decompress
 from transport.endpoint.config import CHUNK_HEADER_ROOM
@@ -46,6 +46,7 @@ from transport.exceptions import (
     TensorwireError,
     TransportError,
 )
+from transport.logs import TransferRecord
 from transport.payload import Chunk, Manifest, Sink, decode_chunk, plan_chunks
 from transport.wire import FrameFlags
 
@@ -133,6 +134,7 @@ class IncomingTransfer:
             link.reset_stream(stream_id, "superseded", f"attempt {attempt} < {self.attempt}")
             return False
         if attempt > self.attempt:
+            metrics.resumed("received")
             self.attempt, self.stripes = attempt, _stripes(header)
             self._sources, self._ended = set(), set()
         self._sources.add((link, stream_id))
@@ -158,6 +160,10 @@ class IncomingTransfer:
         manifest = self._require_state_dict()
         self._take()
         chunks = plan_chunks(manifest)
+        record = TransferRecord(
+            "received", self.transfer_id, manifest.total_bytes, len(chunks), self.peer_node
+        )
+        record.begin()
         try:
             self._resume_from(sink, manifest)
             sink.open(manifest)
@@ -170,9 +176,12 @@ class IncomingTransfer:
             else:
                 self._link.reset_stream(self.stream_id, "receiver_failed", describe(error))
             self._finish(ok=False)
+            record.end(error)
             raise
         result = sink.commit()
         self._finish(ok=True)
+        record.resumes, record.digest = self.attempt, transfer_digest(self._received)
+        record.end()
         return result
 
     async def settle_duplicate(self, chunks: int) -> None:

@@ -1,0 +1,183 @@
+"""Transport metrics and the ops HTTP server, on real endpoints over loopback tcp."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+from tests.ops.helpers import Samples, scrape, status_of, total
+from transport import Endpoint, EndpointConfig, StateDictSink
+from transport.metrics import OpsServer, start_ops_server
+
+SMALL = {
+    "chunk_size": 1 << 20,
+    "stream_window": 4 << 20,
+    "connection_window": 8 << 20,
+    "heartbeat_interval": 0.0,  # no pings: the byte counters must settle to exact equality
+    "compression": "off",
+}
+
+
+@pytest.fixture
+def ops() -> OpsServer:
+    server = start_ops_server(0)
+    yield server  # type: ignore[misc]
+    server.close()
+
+
+def model(megabytes: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(megabytes)
+    return {
+        f"layer{i}.weight": torch.randn(megabytes * 2**18 // 4, generator=generator)
+        for i in range(4)
+    }
+
+
+async def settle(ops: OpsServer, node: str, peer: str) -> Samples:
+    """Scrape until what `node` sent equals what `peer` received and back (frames in flight)."""
+    for _ in range(100):
+        samples = await asyncio.to_thread(scrape, ops.url)
+        sent = total(samples, "tensorwire_wire_bytes_total", direction="out", peer=peer)
+        got = total(samples, "tensorwire_wire_bytes_total", direction="in", peer=node)
+        back = total(samples, "tensorwire_wire_bytes_total", direction="out", peer=node)
+        back_got = total(samples, "tensorwire_wire_bytes_total", direction="in", peer=peer)
+        if sent == got and back == back_got:
+            return samples
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"wire bytes never settled: out {sent} in {got}, {back} vs {back_got}")
+
+
+@pytest.fixture
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Endpoint, Endpoint]]:
+    name = request.node.name[-20:]
+    server = Endpoint(EndpointConfig(node_id=f"srv-{name}", **SMALL))  # type: ignore[arg-type]
+    client = Endpoint(EndpointConfig(node_id=f"cli-{name}", **SMALL))  # type: ignore[arg-type]
+    async with server, client:
+        yield server, client
+
+
+async def test_byte_counters_equal_the_bytes_moved(
+    ops: OpsServer, pair: tuple[Endpoint, Endpoint]
+) -> None:
+    server, client = pair
+    url = await server.listen("tcp://127.0.0.1:0")
+    peer = await client.connect(url)
+    state_dict = model(24)
+    nbytes = sum(t.nbytes for t in state_dict.values())
+
+    async def receive() -> None:
+        transfer = await anext(server.incoming())
+        await transfer.receive_into(StateDictSink())
+
+    receiver = asyncio.ensure_future(receive())
+    result = await peer.send_state_dict(state_dict, transfer_id="ops-test")
+    await receiver
+    srv, cli = server.config.node_id, client.config.node_id
+    samples = await settle(ops, srv, cli)
+
+    # The endpoints' own tallies, the metrics of both sides and the transfer agree exactly.
+    links_out = sum(link.bytes_out for link in client._links)
+    assert total(samples, "tensorwire_wire_bytes_total", direction="out", peer=srv) == links_out
+    assert total(samples, "tensorwire_wire_bytes_total", direction="in", peer=cli) == links_out
+    chunks = total(samples, "tensorwire_chunks_total", direction="out", peer=srv)
+    assert chunks == result.chunks == total(samples, "tensorwire_chunks_total", peer=cli)
+    chunk_bytes = total(samples, "tensorwire_chunk_bytes_total", direction="out", peer=srv)
+    assert chunk_bytes == total(samples, "tensorwire_chunk_bytes_total", direction="in", peer=cli)
+    assert nbytes < chunk_bytes < nbytes + result.chunks * 4096  # safetensors headers
+    assert links_out > chunk_bytes
+    # A window of 4 MiB for 24 MiB: the sender waited for credit, and says so.
+    assert total(samples, "tensorwire_credit_stalls_total", peer=srv) > 0
+    assert total(samples, "tensorwire_credit_stall_seconds_total", peer=srv) > 0
+    assert total(samples, "tensorwire_connections_active", driver="tcp") >= 2
+    assert total(samples, "process_resident_memory_bytes") > 0
+    assert total(samples, "tensorwire_process_peak_resident_memory_bytes") > 0
+
+
+async def test_transfer_metrics_count_completed_transfers(
+    ops: OpsServer, pair: tuple[Endpoint, Endpoint]
+) -> None:
+    before = await asyncio.to_thread(scrape, ops.url)
+    server, client = pair
+    peer = await client.connect(await server.listen("tcp://127.0.0.1:0"))
+    state_dict = model(2)
+    nbytes = sum(t.nbytes for t in state_dict.values())
+
+    async def receive() -> None:
+        async for transfer in server.incoming():
+            await transfer.receive_into(StateDictSink())
+
+    receiver = asyncio.ensure_future(receive())
+    for _ in range(2):
+        await peer.send_state_dict(state_dict)
+    await asyncio.sleep(0.1)  # the receiver counts after it committed
+    receiver.cancel()
+    after = await asyncio.to_thread(scrape, ops.url)
+
+    def grew(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    for direction in ("sent", "received"):
+        assert grew("tensorwire_transfers_total", direction=direction, outcome="ok") == 2
+        assert grew("tensorwire_transfer_bytes_total", direction=direction) == 2 * nbytes
+        assert grew("tensorwire_transfer_duration_seconds_count", direction=direction) == 2
+        rate = total(after, "tensorwire_transfer_throughput_bytes_per_second", direction=direction)
+        assert rate > 0
+
+
+async def test_errors_count_by_kind_but_a_normal_close_is_none(
+    ops: OpsServer, pair: tuple[Endpoint, Endpoint]
+) -> None:
+    server, client = pair
+    url = await server.listen("tcp://127.0.0.1:0")
+    before = await asyncio.to_thread(scrape, ops.url)
+    peer = await client.connect(url)
+    await asyncio.sleep(0.1)
+    await peer.close()
+    await asyncio.sleep(0.1)
+    middle = await asyncio.to_thread(scrape, ops.url)
+    assert total(middle, "tensorwire_errors_total") == total(before, "tensorwire_errors_total")
+    # A peer that is cut off without goodbye is an error, named by its class.
+    peer = await client.connect(url)
+    await asyncio.sleep(0.1)
+    peer._link._driver.abort()  # type: ignore[union-attr]
+    await asyncio.sleep(0.2)
+    after = await asyncio.to_thread(scrape, ops.url)
+    grown = total(after, "tensorwire_errors_total") - total(middle, "tensorwire_errors_total")
+    assert grown >= 1
+
+
+async def test_health_endpoints() -> None:
+    ready = False
+    ops = start_ops_server(0, ready=lambda: ready)
+    try:
+        assert await asyncio.to_thread(status_of, f"{ops.url}/healthz") == 200
+        assert await asyncio.to_thread(status_of, f"{ops.url}/readyz") == 503
+        ready = True
+        assert await asyncio.to_thread(status_of, f"{ops.url}/readyz") == 200
+        assert await asyncio.to_thread(status_of, f"{ops.url}/nothing") == 404
+        # A watched event loop that stops turning makes the daemon unhealthy.
+        ops.stale_after = 0.2
+        watcher = asyncio.ensure_future(ops.watch_loop(interval=0.05))
+        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(status_of, f"{ops.url}/healthz") == 200
+        watcher.cancel()
+        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(status_of, f"{ops.url}/healthz") == 503
+        assert await asyncio.to_thread(status_of, f"{ops.url}/readyz") == 503
+    finally:
+        ops.close()
+
+
+def test_importing_the_library_starts_no_server() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, transport, transport.metrics, transport.logs;"
+        "print(sorted(t.name for t in threading.enumerate()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['MainThread']", done.stdout + done.stderr
