@@ -99,7 +99,8 @@ class Link:
         self._own_stream_window = config.stream_window
         self.pool = pool
         self.idle_timeout = idle_timeout
-        self._heartbeat_interval = heartbeat_interval
+        # Pings must come well within idle_timeout, or a healthy idle link could look silent.
+        self._heartbeat_interval = min(heartbeat_interval, idle_timeout / 3)
         self._on_open = on_open
         self._on_request = on_request
         self._node_id = node_id
@@ -358,7 +359,7 @@ class Link:
             slot.fail(error)
         transfer = self._receiving.get(event.stream_id)
         if transfer is not None:
-            transfer.on_failed(self, error)
+            transfer.on_event(self, event)  # the transfer knows which of its streams it was
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -292,6 +292,9 @@ class IncomingTransfer:
             elif isinstance(item, sfm.StreamFailed):
                 if (link, item.stream_id) in self._sources:
                     raise item.error
+            elif isinstance(item, sfm.StreamReset):
+                if (link, item.stream_id) in self._sources:
+                    self._stripe_reset(item)
             elif isinstance(item, TensorwireError) and self._is_current(link):
                 if not (self.resumable and _recoverable(item)):
                     raise item
@@ -299,6 +302,17 @@ class IncomingTransfer:
                 # sender reconnects; only the end of the transfer needs its next attempt.
                 if self._lost is None or self._lost[0] != self.attempt:
                     self._lost = (self.attempt, asyncio.get_running_loop().time(), item)
+
+    def _stripe_reset(self, event: sfm.StreamReset) -> None:
+        """The sender reset a stream of the current attempt: it gave the attempt up to start
+        another ("superseded"), or the transfer is over."""
+        error = StreamResetError(
+            f"peer reset stream {event.stream_id}: {event.reason}", code=event.code
+        )
+        if not (self.resumable and _recoverable(error)):
+            raise error
+        if self._lost is None or self._lost[0] != self.attempt:
+            self._lost = (self.attempt, asyncio.get_running_loop().time(), error)
 
     def _stripe_ended(self, link: Link, event: sfm.StreamEnded) -> bool:
         """Note one stripe's END; True once every stripe of the current attempt has ended."""
