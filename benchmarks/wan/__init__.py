@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.probes import MIB, parse_size
-from benchmarks.stream import add_data_arguments
+from benchmarks.probes import parse_size
+from benchmarks.stream import add_data_arguments, settings_from
 from benchmarks.wan.emulator import NAMESPACE_SYSCTLS, EmulatedWan
 from benchmarks.wan.forwarder import TIMELINE_BIN_S
 from benchmarks.wan.profiles import PROFILES, Profile, profile_named
@@ -124,22 +124,8 @@ def _tcp_options(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"compression": args.compression}
-    if args.chunk_size:
-        overrides["chunk_size"] = args.chunk_size
-    if args.window:
-        overrides["stream_window"] = args.window
-        overrides["connection_window"] = max(args.window, 128 * MIB)
-    return {
-        "driver": args.driver,
-        "size": args.size,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "streams": args.streams,
-        "values": args.values,
-        "overrides": overrides,
-        "timeout": args.timeout,
-    }
+    """The stream benchmark's settings (the transfer is the same one, run in namespaces)."""
+    return settings_from(args)
 
 
 @contextmanager
