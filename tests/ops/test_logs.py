@@ -62,6 +62,7 @@ async def test_json_lines_one_start_and_end_per_side(restore_logging: None) -> N
         assert end["seconds"] > 0
         assert end["rate_mb_s"] > 0
     assert len(ends["received"]["digest"]) == 32  # the digest the receiver verified
+    assert ends["sent"]["digest"] == ends["received"]["digest"]  # both sides log the same one
     assert (ends["sent"]["peer"], ends["received"]["peer"]) == ("srv", "cli")
     assert len(records) == len(transfers)  # nothing per chunk at INFO
 

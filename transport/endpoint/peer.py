@@ -94,6 +94,7 @@ class Peer:
             record.begin()
             result = await send_source(self, source, meta, transfer_id, codec, stripes)
             record.transfer_id, record.resumes = result.transfer_id, result.resumes
+            record.digest = result.digest
             metrics.resumed("sent", result.resumes)
             record.peer = self.node_id  # known once connected
         return result

@@ -52,6 +52,7 @@ class TransferResult:
     transfer_id: str = ""
     resumes: int = 0
     bytes_sent: int = 0  # payload bytes put on the wire, re-sends after a resume included
+    digest: str = ""  # the tree digest over every chunk the receiver verified (state dicts)
 
     @property
     def throughput_mb_s(self) -> float:
@@ -189,6 +190,7 @@ async def send_source(
         transfer.transfer_id,
         transfer.attempt,
         transfer.bytes_sent,
+        transfer_digest(transfer.checksums),
     )
 
 
