@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"benchmarks.{name}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", help="print one JSON object")
+        sub.add_argument(
+            "--quiet", "-q", action="store_true", help="no progress bar (none off a terminal)"
+        )
         module.add_arguments(sub)
         sub.set_defaults(module=module)
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = argparse.Namespace(
         driver=args.driver, size=args.size, chunk_size=None, window=None, dtype="BF16", seed=0,
         timeout=24 * 3600.0, cut_every=None, compression="off", values="bytes",
-        streams=args.streams,
+        streams=args.streams, quiet=getattr(args, "quiet", False),
     )  # fmt: skip
     settings = stream.settings_from(options)
     sender, receiver = stream.run_pair(settings)

@@ -22,6 +22,7 @@ from typing import Any
 from benchmarks.baselines import raw_throughput
 from benchmarks.probes import MIB, RssSampler, parse_size, run_children, run_in_uvloop
 from transport import create_pki
+from transport.progress import progress_wanted, transfer_progress
 
 DRIVERS = ("tcp", "grpc", "http", "memory")
 _HOST = "127.0.0.1"
@@ -101,6 +102,8 @@ def settings_from(args: argparse.Namespace, pki: str | None = None) -> dict[str,
         "values": getattr(args, "values", "bytes"),
         "streams": getattr(args, "streams", 1),
         "tls_dir": pki,
+        # decided here, where the terminal is, and drawn by the receiver child (same stderr)
+        "progress": progress_wanted(getattr(args, "quiet", False)),
     }
 
 
@@ -171,8 +174,10 @@ async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[
         publish_url(await endpoint.listen(f"{scheme(settings)}://{host}:0"))
         sampler = RssSampler().start()
         transfer = await anext(endpoint.incoming())
+        nbytes = transfer.manifest.total_bytes if transfer.manifest else 0
         try:
-            stats = await transfer.receive_into(DigestSink())
+            with transfer_progress(nbytes, "streaming", enabled=settings.get("progress", False)):
+                stats = await transfer.receive_into(DigestSink())
             digest_ok = True
         except DigestMismatchError:
             stats, digest_ok = None, False

@@ -10,7 +10,7 @@ import typer
 
 import transport
 from fl.cli_certs import certs_app
-from fl.cli_ops import register_ops_commands
+from fl.cli_ops import QuietOption, register_ops_commands
 from fl.daemons_cli import client as fl_client
 from fl.daemons_cli import demo as fl_demo
 from fl.daemons_cli import server as fl_server
@@ -39,27 +39,29 @@ def stream_demo(
     size: Annotated[
         str, typer.Option(help="bytes of generated state dict to stream, e.g. 1GiB")
     ] = "1GiB",
-    driver: Annotated[str, typer.Option(help="tcp or memory")] = "tcp",
+    driver: Annotated[str, typer.Option(help="tcp, grpc, http or memory")] = "tcp",
+    tls: Annotated[bool, typer.Option("--tls", help="mutual TLS (tcps, grpcs, https)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Stream a generated state dict between two local endpoints (two processes) and report
     throughput and each side's peak memory above its baseline."""
     from benchmarks import stream
-    from benchmarks.probes import format_size, parse_size
+    from benchmarks.probes import format_size
 
-    args = argparse.Namespace(
-        driver=driver,
-        size=parse_size(size),
-        chunk_size=None,
-        window=None,
-        dtype="BF16",
-        seed=0,
-        baseline=False,
-        timeout=3600.0,
-    )
+    # The stream benchmark's own parser fills every setting it has, so this command cannot
+    # drift from it when the benchmark grows an option.
+    parser = argparse.ArgumentParser(prog="tensorwire stream-demo", exit_on_error=False)
+    stream.add_arguments(parser)
+    try:
+        args = parser.parse_args(["--size", size, "--driver", driver, *(["--tls"] if tls else [])])
+    except argparse.ArgumentError as error:
+        raise typer.BadParameter(str(error)) from None
+    args.quiet = quiet or as_json
     if not as_json:
+        scheme = stream.scheme({"driver": driver, "tls_dir": tls})
         typer.echo(
-            f"streaming {format_size(args.size)} of bf16 tensors over {driver}://127.0.0.1 ..."
+            f"streaming {format_size(args.size)} of bf16 tensors over {scheme}://127.0.0.1 ..."
         )
     result = stream.run(args)
     if as_json:

@@ -1,5 +1,5 @@
 """Operations glue for the `tensorwire` daemons and commands: /metrics and health, structured logs,
-FL round metrics, progress bars, and `tensorwire health` (the probe the deploy/ files use).
+FL round metrics, a progress bar per round, and `tensorwire health` (the probe deploy/ uses).
 
     tensorwire server --config server.toml --metrics-port 9108 --log-format json
     tensorwire health --port 9108            # liveness: exit 0 while the daemon's loop turns
@@ -12,21 +12,18 @@ flags are parsed: they set up logging and the ops server around the FL daemons o
 from __future__ import annotations
 
 import asyncio
-import sys
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
 from typing import Annotated, Any, TypeVar
 
 import typer
 from prometheus_client import Counter, Gauge, Histogram
-from tqdm import tqdm
 
 from fl.config import ClientConfig, ServerConfig
-from fl.fedavg import RoundReport
-from transport import logs, metrics
+from fl.fedavg import FedAvg, RoundReport
+from transport import logs, metrics, progress
 
 DEFAULT_METRICS_PORT = 9108
 _T = TypeVar("_T")
@@ -110,85 +107,71 @@ async def watched(job: Coroutine[Any, Any, _T], ops: metrics.OpsServer | None) -
         watcher.cancel()
 
 
-def run_server_daemon(settings: ServerConfig, ops: metrics.OpsServer | None) -> bool:
-    """`tensorwire server`: the FedAvg job with round metrics; True if it ran to its end."""
+def run_server_daemon(
+    settings: ServerConfig, ops: metrics.OpsServer | None, *, quiet: bool = False
+) -> bool:
+    """`tensorwire server`: the FedAvg job with round metrics and, on a terminal, a progress
+    bar per round; True if it ran to its end."""
     from fl.daemons import build_fedavg, serve
 
     controller = build_fedavg(settings.fedavg)
-    controller.on_round = _both(controller.on_round, record_round)
+    bars = RoundProgress(controller, enabled=progress.progress_wanted(quiet))
+    controller.on_round_start = bars.started
+    controller.on_round = _both(_both(bars.ended, controller.on_round), record_round)
     if ops is not None:
         ops.ready = metrics.is_listening
-    return asyncio.run(watched(serve(settings, controller), ops))
+    try:
+        return asyncio.run(watched(serve(settings, controller), ops))
+    finally:
+        bars.close()
 
 
-def run_client_daemon(settings: ClientConfig, ops: metrics.OpsServer | None) -> int:
+class RoundProgress:
+    """One bar per FL round on the server: the model out to every sampled site and every
+    result back, following the transport's byte counters (so concurrent transfers add up)."""
+
+    def __init__(self, fedavg: FedAvg, *, enabled: bool) -> None:
+        self.fedavg = fedavg
+        self.enabled = enabled
+        self._bar = ExitStack()
+
+    def started(self, number: int, clients: list[str]) -> None:
+        self.close()
+        total = 2 * self.fedavg.model_bytes() * len(clients)
+        description = f"round {number + 1}/{self.fedavg.rounds}, {len(clients)} sites"
+        self._bar.enter_context(
+            progress.transfer_progress(
+                total, description, ("sent", "received"), enabled=self.enabled
+            )
+        )
+
+    def ended(self, report: RoundReport) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def run_client_daemon(
+    settings: ClientConfig, ops: metrics.OpsServer | None, *, quiet: bool = False
+) -> int:
     """`tensorwire client`: the site's script (its transport metrics are this process's only
-    with --in-process; a subprocess script has its own)."""
+    with --in-process; a subprocess script has its own) with progress bars on a terminal."""
     from fl.daemons import run_client
 
-    return run_client(settings)
+    return run_client(settings, progress=progress.progress_wanted(quiet))
 
 
 def _both(
-    first: Callable[[RoundReport], None] | None, second: Callable[[RoundReport], None]
+    first: Callable[[RoundReport], None] | None, second: Callable[[RoundReport], None] | None
 ) -> Callable[[RoundReport], None]:
     def call(report: RoundReport) -> None:
         if first is not None:
             first(report)
-        second(report)
+        if second is not None:
+            second(report)
 
     return call
-
-
-# --- progress ------------------------------------------------------------------------------------
-
-
-def progress_wanted(quiet: bool = False) -> bool:
-    """Progress bars only for a person watching: not with --quiet, not into a file or a pipe."""
-    return not quiet and sys.stderr.isatty()
-
-
-def chunk_bytes_moved(direction: str) -> float:
-    """Payload bytes of DATA frames this process moved in `direction` ("in" or "out")."""
-    return sum(
-        sample.value
-        for metric in metrics.CHUNK_BYTES.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total") and sample.labels.get("direction") == direction
-    )
-
-
-@contextmanager
-def transfer_progress(
-    total: int, description: str, direction: str = "out", *, quiet: bool = False
-) -> Iterator[tqdm[Any]]:
-    """A bar with bytes, rate and ETA that follows this process's transport counters (so any
-    in-process transfer drives it without a callback); off unless `progress_wanted(quiet)`."""
-    bar: tqdm[Any] = tqdm(
-        total=total,
-        desc=description,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not progress_wanted(quiet),
-    )
-    start = chunk_bytes_moved(direction)
-    stop = threading.Event()
-
-    def follow() -> None:
-        while not stop.wait(0.25):
-            bar.update(min(chunk_bytes_moved(direction) - start, total) - bar.n)
-
-    follower = threading.Thread(target=follow, name="tensorwire-progress", daemon=True)
-    if not bar.disable:
-        follower.start()
-    try:
-        yield bar
-    finally:
-        stop.set()
-        if follower.is_alive():
-            follower.join()
-        bar.close()
 
 
 # --- `tensorwire health` -------------------------------------------------------------------------

@@ -9,10 +9,11 @@
         flare.send(flare.FLModel(params=model.state_dict(), meta={"sample_count": n}))
 
 `init()` reads where the server is from the environment (TENSORWIRE_SERVER, TENSORWIRE_SITE and
-the optional TENSORWIRE_TOKEN, TENSORWIRE_PKI_DIR, TENSORWIRE_IDLE_TIMEOUT, TENSORWIRE_HEARTBEAT),
-which `tensorwire client` sets for the script it runs; a runner that runs scripts in-process binds
-an FLClient to the script's thread instead (`bound_to`). The transport runs on an event loop in a
-background thread; async code can use FLClient's `*_async` methods on its own loop instead.
+the optional TENSORWIRE_TOKEN, TENSORWIRE_PKI_DIR, TENSORWIRE_IDLE_TIMEOUT, TENSORWIRE_HEARTBEAT,
+and TENSORWIRE_PROGRESS=1 for progress bars on a terminal), which `tensorwire client` sets for the
+script it runs; a runner that runs scripts in-process binds an FLClient to the script's thread
+instead (`bound_to`). The transport runs on an event loop in a background thread; async code can
+use FLClient's `*_async` methods on its own loop instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,11 +54,13 @@ from transport import (
     IncomingTransfer,
     Peer,
     Sink,
+    Source,
     StateDictSink,
     StreamResetError,
     TensorwireError,
     TransferResult,
     client_tls,
+    progress,
 )
 
 __all__ = [
@@ -107,6 +111,7 @@ class ClientSettings:
     heartbeat_interval: float = 5.0
     connect_timeout: float = 60.0
     idle_timeout: float = 120.0
+    progress: bool = False  # bars for the model in and the result out, on a terminal only
     endpoint_overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -125,6 +130,7 @@ class ClientSettings:
             pki_dir=env.get("TENSORWIRE_PKI_DIR") or None,
             heartbeat_interval=float(env.get("TENSORWIRE_HEARTBEAT", 5.0)),
             idle_timeout=float(env.get("TENSORWIRE_IDLE_TIMEOUT", 120.0)),
+            progress=env.get("TENSORWIRE_PROGRESS") == "1",
         )
 
     def environment(self) -> dict[str, str]:
@@ -134,6 +140,7 @@ class ClientSettings:
             "TENSORWIRE_SITE": self.site,
             "TENSORWIRE_HEARTBEAT": str(self.heartbeat_interval),
             "TENSORWIRE_IDLE_TIMEOUT": str(self.idle_timeout),
+            "TENSORWIRE_PROGRESS": "1" if self.progress else "0",
         }
         if self.token:
             env["TENSORWIRE_TOKEN"] = self.token
@@ -198,7 +205,9 @@ class FLClient:
         info, transfer = pending
         if sink is None:
             sink = StateDictSink(into=dict(into)) if into is not None else StateDictSink()
-        params = await transfer.receive_into(sink)
+        nbytes = transfer.manifest.total_bytes if transfer.manifest else 0
+        with self._progress(nbytes, f"round {info.round + 1} model", "received"):
+            params = await transfer.receive_into(sink)
         self.current = info
         return FLModel(
             params=params,
@@ -217,13 +226,19 @@ class FLClient:
         meta = result_meta(task.task_id, model)
         transfer_id = f"{task.task_id}/{self.settings.site}/result"
         self.current = None
+        sending = peer.send_state_dict(model.params, meta=meta, transfer_id=transfer_id)
         try:
-            return await self._stoppable(
-                peer.send_state_dict(model.params, meta=meta, transfer_id=transfer_id)
-            )
+            with self._progress(_nbytes(model.params), f"round {task.round + 1} result", "sent"):
+                return await self._stoppable(sending)
         except StreamResetError as refusal:
             log.warning("the server did not take this result: %s", refusal)
             return None
+
+    def _progress(
+        self, nbytes: int, description: str, direction: str
+    ) -> AbstractContextManager[object]:
+        wanted = self.settings.progress and progress.progress_wanted()
+        return progress.transfer_progress(nbytes, description, direction, enabled=wanted)
 
     async def _stoppable(self, operation: Awaitable[_T]) -> _T:
         """Run a receive or send that a stop from the server cancels (raising JobStopped)."""
@@ -466,6 +481,12 @@ def send(model: FLModel) -> TransferResult | None:
 def report_error(message: str) -> None:
     """Report that this task failed."""
     _client().report_error(message)
+
+
+def _nbytes(params: Mapping[str, torch.Tensor] | Source) -> int:
+    if isinstance(params, Source):
+        return params.manifest.total_bytes
+    return sum(tensor.nbytes for tensor in params.values())
 
 
 def _install_exit_hooks(client: FLClient) -> None:

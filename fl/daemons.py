@@ -112,7 +112,7 @@ def _save_final(controller: Controller, path: str | None) -> None:
 # --- client --------------------------------------------------------------------------------------
 
 
-def client_settings(config: ClientConfig) -> ClientSettings:
+def client_settings(config: ClientConfig, *, progress: bool = False) -> ClientSettings:
     return ClientSettings(
         server_url=config.server,
         site=config.site,
@@ -121,23 +121,25 @@ def client_settings(config: ClientConfig) -> ClientSettings:
         heartbeat_interval=config.heartbeat_interval,
         connect_timeout=config.connect_timeout,
         idle_timeout=config.idle_timeout,
+        progress=progress,
     )
 
 
-def run_client(config: ClientConfig) -> int:
-    """Run the site's script until the job ends; returns the exit status."""
+def run_client(config: ClientConfig, *, progress: bool = False) -> int:
+    """Run the site's script until the job ends; returns the exit status. With `progress`
+    the script's transfers draw bars (on a terminal)."""
     script = Path(config.script)
     if not script.is_file():
         raise FileNotFoundError(f"the training script {script} does not exist")
     if config.mode == "in-process":
-        return _run_in_process(config, script)
-    return _supervise(config, script)
+        return _run_in_process(client_settings(config, progress=progress), script, config.args)
+    return _supervise(config, script, client_settings(config, progress=progress))
 
 
-def _run_in_process(config: ClientConfig, script: Path) -> int:
-    client = FLClient(client_settings(config))
+def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> int:
+    client = FLClient(settings)
     saved_argv = sys.argv
-    sys.argv = [str(script), *config.args]
+    sys.argv = [str(script), *args]
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
     try:
         with bound_to(client), client:
@@ -168,11 +170,11 @@ class _Supervisor:
             self.child.send_signal(signal.SIGTERM)
 
 
-def _supervise(config: ClientConfig, script: Path) -> int:
+def _supervise(config: ClientConfig, script: Path, settings: ClientSettings) -> int:
     supervisor = _Supervisor()
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
-    env = {**os.environ, **client_settings(config).environment()}
+    env = {**os.environ, **settings.environment()}
     restarts = 0
     while True:
         supervisor.child = subprocess.Popen([sys.executable, str(script), *config.args], env=env)

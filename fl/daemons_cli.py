@@ -15,11 +15,13 @@ from fl.cli_ops import (
     LogLevelOption,
     MetricsHostOption,
     MetricsPortOption,
+    QuietOption,
     run_client_daemon,
     run_server_daemon,
     setup_ops,
 )
 from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_config
+from transport import progress
 
 fl_app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -43,6 +45,7 @@ def server(
     metrics_host: MetricsHostOption = "127.0.0.1",
     log_format: LogFormatOption = "kv",
     log_level: LogLevelOption = "INFO",
+    quiet: QuietOption = False,
 ) -> None:
     """Listen for clients and run the job's FedAvg controller; SIGTERM stops it gracefully."""
     overrides = {
@@ -57,7 +60,7 @@ def server(
     except ConfigFileError as error:
         raise _fail(error) from None
     ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
-    run_server_daemon(settings, ops)
+    run_server_daemon(settings, ops, quiet=quiet)
 
 
 @fl_app.command()
@@ -72,6 +75,7 @@ def client(
     metrics_host: MetricsHostOption = "127.0.0.1",
     log_format: LogFormatOption = "kv",
     log_level: LogLevelOption = "INFO",
+    quiet: QuietOption = False,
 ) -> None:
     """Run this site's training script (restarted on failure) until the server ends the job."""
     overrides = {
@@ -84,7 +88,7 @@ def client(
     try:
         settings = load_config(ClientConfig, config, overrides)
         ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
-        status = run_client_daemon(settings, ops)
+        status = run_client_daemon(settings, ops, quiet=quiet)
     except (ConfigFileError, FileNotFoundError) as error:
         raise _fail(error) from None
     raise typer.Exit(status)
@@ -97,19 +101,21 @@ def demo(
     clients: Annotated[int, typer.Option(min=1, help="client processes")] = 2,
     driver: Annotated[str, typer.Option(help="tcp, grpc or http")] = "tcp",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """A server and clients on loopback run FedAvg rounds of a real small task; one row per
     round: bytes moved, throughput, peak RSS of server and each client, accuracy."""
-    run_demo_command(rounds, model_size, clients, driver, as_json)
+    run_demo_command(rounds, model_size, clients, driver, as_json, quiet)
 
 
 def run_demo_command(
-    rounds: int, model_size: str, clients: int, driver: str, as_json: bool
+    rounds: int, model_size: str, clients: int, driver: str, as_json: bool, quiet: bool = False
 ) -> None:
     """What `tensorwire demo` does (fl/cli.py calls this)."""
     from fl.demo import DemoOptions, format_table, run_demo
 
-    options = DemoOptions(rounds, model_size, clients, driver, progress=not as_json)
+    wanted = progress.progress_wanted(quiet or as_json)
+    options = DemoOptions(rounds, model_size, clients, driver, progress=wanted)
     try:
         summary = run_demo(options)
     except ValueError as error:

@@ -24,6 +24,7 @@ from fl.fedavg import FedAvg, RoundReport
 from fl.model import FLModel
 from fl.server import FLServer
 from fl.task import MLP, evaluate, held_out_data
+from transport import progress
 
 
 @dataclass
@@ -126,13 +127,10 @@ class _Progress:
         self._new_bar()
 
     def _new_bar(self) -> None:
-        self.bar = tqdm(
-            total=self.model_bytes * self.options.clients,
-            desc=f"round {self.rounds_started + 1}/{self.options.rounds} results",
-            unit="B",
-            unit_scale=True,
-            disable=not self.options.progress,
-            file=sys.stderr,
+        self.bar = progress.byte_bar(
+            self.model_bytes * self.options.clients,
+            f"round {self.rounds_started + 1}/{self.options.rounds} results",
+            enabled=self.options.progress,
         )
         self.rounds_started += 1
 

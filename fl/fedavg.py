@@ -71,6 +71,7 @@ class FedAvg(Controller):
         evaluate: Callable[[FLModel], Mapping[str, float]] | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         on_tensor: Callable[[str, str, torch.Tensor], None] | None = None,
+        on_round_start: Callable[[int, list[str]], None] | None = None,
     ) -> None:
         if initial_model.params is None:
             raise ValueError("FedAvg needs an initial model with params")
@@ -87,6 +88,7 @@ class FedAvg(Controller):
         self.evaluate = evaluate
         self.on_round = on_round
         self.on_tensor = on_tensor  # (client, tensor name, tensor): progress display
+        self.on_round_start = on_round_start  # (round, sampled clients): progress display
         self.history: list[RoundReport] = []
 
     async def run(self) -> None:
@@ -102,6 +104,8 @@ class FedAvg(Controller):
         clients = await self.sample_clients(
             self.num_clients, min_clients=self.min_clients, join_timeout=self.join_timeout
         )
+        if self.on_round_start is not None:
+            self.on_round_start(number, clients)
         outgoing = FLModel(params=self.model.params, current_round=number, total_rounds=self.rounds)
         task = self.send_model(outgoing, clients)
         accumulator = self._new_accumulator(number)
@@ -125,6 +129,14 @@ class FedAvg(Controller):
             return MemoryAccumulator(self.accumulate_dtype)
         self.accumulator_dir.mkdir(parents=True, exist_ok=True)
         return FileAccumulator(self.accumulator_dir / f"sums-{number}.bin", self.accumulate_dtype)
+
+    def model_bytes(self) -> int:
+        """Tensor bytes of the global model (what each sampled site receives)."""
+        params = self.model.params
+        if isinstance(params, Source):
+            return params.manifest.total_bytes
+        assert params is not None
+        return sum(tensor.nbytes for tensor in params.values())
 
     def base_lookup(self) -> BaseLookup | None:
         """The global model's tensors by name, where it is held in memory."""

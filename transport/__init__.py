@@ -4,7 +4,7 @@ or memory, with memory bounded by a window, per-chunk integrity and one idle tim
 This module is the public API; everything else in the package is internal and may change.
 """
 
-from transport import logs, metrics
+from transport import logs, metrics, progress
 from transport.certs import (
     CertificateFiles,
     client_tls,
@@ -63,6 +63,7 @@ __all__ = [
     "issue_certificate",
     "logs",
     "metrics",
+    "progress",
     "server_tls",
     "tls_config_for",
     *_exception_names,

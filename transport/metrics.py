@@ -18,6 +18,8 @@ the same scrape) but starts nothing: an embedding application that wants /metric
     tensorwire_transfer_duration_seconds{direction}       histogram of their durations
     tensorwire_transfer_throughput_bytes_per_second{direction}   the last one's rate
     tensorwire_transfer_resumes_total{direction}          attempts after a lost connection
+    tensorwire_tensor_bytes_total{direction}              tensor bytes of chunks sent or placed so
+                                                          far (uncompressed): progress, live
     tensorwire_reconnects_total                           connections re-established to a peer
     tensorwire_errors_total{kind}                         connections ended by an error, by class
     tensorwire_process_peak_resident_memory_bytes         the process's peak RSS (for sizing)
@@ -76,6 +78,11 @@ TRANSFER_SECONDS = Histogram(
 )
 RESUMES = Counter(
     "tensorwire_transfer_resumes", "Transfer attempts after a lost connection.", ("direction",)
+)
+TENSOR_BYTES = Counter(
+    "tensorwire_tensor_bytes",
+    "Tensor bytes of state-dict chunks sent or placed, uncompressed, as they move.",
+    ("direction",),
 )
 RECONNECTS = Counter("tensorwire_reconnects", "Connections re-established to a peer.")
 ERRORS = Counter("tensorwire_errors", "Connections ended by an error, by error class.", ("kind",))
@@ -202,6 +209,21 @@ def reconnected() -> None:
 def resumed(direction: str, attempts: int = 1) -> None:
     """`attempts` more attempts of a transfer after lost connections."""
     RESUMES.labels(direction).inc(attempts)
+
+
+def tensor_bytes_moved(direction: str, nbytes: int) -> None:
+    """A chunk of `nbytes` tensor bytes was sent or placed ("sent" or "received")."""
+    TENSOR_BYTES.labels(direction).inc(nbytes)
+
+
+def tensor_bytes_total(direction: str) -> float:
+    """Tensor bytes this process has sent or placed so far (what progress bars follow)."""
+    return sum(
+        sample.value
+        for family in TENSOR_BYTES.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["direction"] == direction
+    )
 
 
 def transfer_ended(

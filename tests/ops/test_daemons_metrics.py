@@ -72,6 +72,8 @@ def check_counters(server: Samples, client: Samples) -> None:
         for direction in ("sent", "received"):
             moved = total(samples, "tensorwire_transfer_bytes_total", direction=direction)
             assert moved == model_bytes, (direction, moved, model_bytes)
+            live = total(samples, "tensorwire_tensor_bytes_total", direction=direction)
+            assert live == model_bytes, (direction, live, model_bytes)  # what progress follows
     for metric in ("tensorwire_chunks_total", "tensorwire_chunk_bytes_total"):
         for here, there in ((server, client), (client, server)):
             out = total(here, metric, direction="out")

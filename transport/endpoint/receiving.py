@@ -228,6 +228,7 @@ class IncomingTransfer:
             else:
                 await asyncio.to_thread(_place, sink, None, manifest, chunk, event, None)
             sink.record(chunk.index, self._received[event.index])
+            metrics.tensor_bytes_moved("received", chunk.nbytes)
             _give_back(link, event)
 
     def _verify_whole(self, expected_chunks: int) -> None:

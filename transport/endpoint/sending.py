@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import xxhash
 
+from transport import metrics
 from transport.codecs import CompressionPolicy
 from transport.endpoint.compression import ChunkPipeline
 from transport.exceptions import IdleTimeoutError, ProtocolError, TransportError
@@ -287,6 +288,7 @@ async def _send_stripe(
             pipeline.observe_link(ready.nbytes, time.perf_counter() - started)
             transfer.checksums[ready.chunk.index] = ready.blob_checksum or checksum
             transfer.bytes_sent += ready.chunk.nbytes
+            metrics.tensor_bytes_moved("sent", ready.chunk.nbytes)
             for delivered in in_flight.sent(ready.chunk, ready.nbytes):
                 source.release(delivered)
     finally:
