@@ -10,10 +10,10 @@
 
 `init()` reads where the server is from the environment (TENSORWIRE_SERVER, TENSORWIRE_SITE and
 the optional TENSORWIRE_TOKEN, TENSORWIRE_PKI_DIR, TENSORWIRE_IDLE_TIMEOUT, TENSORWIRE_HEARTBEAT,
-and TENSORWIRE_PROGRESS=1 for progress bars on a terminal), which `tensorwire client` sets for the
-script it runs; a runner that runs scripts in-process binds an FLClient to the script's thread
-instead (`bound_to`). The transport runs on an event loop in a background thread; async code can
-use FLClient's `*_async` methods on its own loop instead.
+TENSORWIRE_CONNECT_TIMEOUT, and TENSORWIRE_PROGRESS=1 for progress bars on a terminal), which
+`tensorwire client` sets for the script it runs; a runner that runs scripts in-process binds an
+FLClient to the script's thread instead (`bound_to`). The transport runs on an event loop in a
+background thread; async code can use FLClient's `*_async` methods on its own loop instead.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from transport import (
     EndpointConfig,
     IncomingTransfer,
     Peer,
+    RemoteError,
     Sink,
     Source,
     StateDictSink,
@@ -64,11 +65,13 @@ from transport import (
 )
 
 __all__ = [
+    "EXIT_NOT_ADMITTED",
     "ClientSettings",
     "FLClient",
     "FLModel",
     "JobStopped",
     "JobStoppedExit",
+    "NotAdmitted",
     "ParamsType",
     "bound_to",
     "init",
@@ -89,6 +92,15 @@ class JobStopped(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(f"the server ended the job: {reason}")
         self.reason = reason
+
+
+# EX_NOPERM: the script's exit status when the server refused this site's credentials, which
+# `tensorwire client` does not restart (a restart would be refused the same way).
+EXIT_NOT_ADMITTED = 77
+
+
+class NotAdmitted(PermissionError):
+    """The server refused this site: its token, or the identity in its certificate."""
 
 
 class JobStoppedExit(SystemExit):
@@ -129,6 +141,7 @@ class ClientSettings:
             token=env.get("TENSORWIRE_TOKEN") or None,
             pki_dir=env.get("TENSORWIRE_PKI_DIR") or None,
             heartbeat_interval=float(env.get("TENSORWIRE_HEARTBEAT", 5.0)),
+            connect_timeout=float(env.get("TENSORWIRE_CONNECT_TIMEOUT", 60.0)),
             idle_timeout=float(env.get("TENSORWIRE_IDLE_TIMEOUT", 120.0)),
             progress=env.get("TENSORWIRE_PROGRESS") == "1",
         )
@@ -139,6 +152,7 @@ class ClientSettings:
             "TENSORWIRE_SERVER": self.server_url,
             "TENSORWIRE_SITE": self.site,
             "TENSORWIRE_HEARTBEAT": str(self.heartbeat_interval),
+            "TENSORWIRE_CONNECT_TIMEOUT": str(self.connect_timeout),
             "TENSORWIRE_IDLE_TIMEOUT": str(self.idle_timeout),
             "TENSORWIRE_PROGRESS": "1" if self.progress else "0",
         }
@@ -180,7 +194,15 @@ class FLClient:
         self.endpoint = Endpoint(self.settings.endpoint_config())
         self.endpoint.on_request(self._serve_request)
         self.peer = await self._connect_with_retry()
-        await self.peer.request({"fl": HELLO})
+        try:
+            await self.peer.request({"fl": HELLO})
+        except RemoteError as refusal:
+            if refusal.code != "unauthorized":
+                raise
+            raise NotAdmitted(
+                f"{self.settings.site}: the server at {self.settings.server_url} did not admit "
+                f"this site ({refusal}); check its token and certificate"
+            ) from None
         self._background = [
             asyncio.ensure_future(self._take_tasks()),
             asyncio.ensure_future(self._heartbeat()),
@@ -458,7 +480,11 @@ def init() -> FLClient:
         return bound.init()
     if _process_client is None:
         _process_client = FLClient(ClientSettings.from_env())
-        _process_client.init()
+        try:
+            _process_client.init()
+        except NotAdmitted as refusal:
+            print(f"fl.client.init(): {refusal}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_NOT_ADMITTED) from None
         _install_exit_hooks(_process_client)
     return _process_client
 

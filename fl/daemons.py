@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from benchmarks.probes import parse_size
-from fl.client import ClientSettings, FLClient, bound_to
+from fl.client import EXIT_NOT_ADMITTED, ClientSettings, FLClient, NotAdmitted, bound_to
 from fl.config import ClientConfig, FedAvgSettings, ServerConfig
 from fl.controller import Controller
 from fl.fedavg import FedAvg, RoundReport
@@ -146,6 +146,9 @@ def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> 
             runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit:  # JobStopped, sys.exit() in the script, or SIGTERM
         return exit.code if isinstance(exit.code, int) else 1
+    except NotAdmitted as refusal:
+        print(f"tensorwire client: {refusal}", file=sys.stderr, flush=True)
+        return EXIT_NOT_ADMITTED
     finally:
         sys.argv = saved_argv
     return 0
@@ -181,6 +184,9 @@ def _supervise(config: ClientConfig, script: Path, settings: ClientSettings) -> 
         status = supervisor.child.wait()
         if status == 0 or supervisor.stopping:
             return 0 if supervisor.stopping else status
+        if status == EXIT_NOT_ADMITTED:
+            print(f"tensorwire client: the server refused {config.site}; not restarting")
+            return status
         if restarts >= config.max_restarts:
             print(f"tensorwire client: {script} failed {restarts + 1} times; giving up")
             return status
