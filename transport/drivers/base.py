@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import ssl
 from abc import ABC, abstractmethod
+from asyncio import BaseTransport
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from transport.exceptions import ConfigError, TensorwireError, TransportError
@@ -274,3 +275,20 @@ def parse_host_port_url(url: str, schemes: Sequence[str], *, allow_port_zero: bo
 def format_host_port(host: str, port: int) -> str:
     """`host:port`, with IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def socket_peer_info(scheme: str, transport: BaseTransport) -> PeerInfo:
+    """Address and, when TLS verified it, certificate CN of the far end of a socket transport
+    (tcp and http drivers)."""
+    peername = transport.get_extra_info("peername")
+    address = format_host_port(str(peername[0]), int(peername[1])) if peername else "?"
+    return PeerInfo(scheme, address, _subject_common_name(transport.get_extra_info("peercert")))
+
+
+def _subject_common_name(peercert: Any) -> str | None:
+    """The CN of a *verified* peer certificate (getpeercert() is empty when not verified)."""
+    for rdn in (peercert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None

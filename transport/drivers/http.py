@@ -42,11 +42,11 @@ from transport.drivers.base import (
     Driver,
     HostPort,
     Listener,
-    PeerInfo,
     TLSConfig,
     format_host_port,
     map_exceptions,
     parse_host_port_url,
+    socket_peer_info,
 )
 from transport.drivers.http_connection import HttpConnection, plain_body_writer
 from transport.exceptions import ConfigError, ConnectError, TransportError
@@ -172,7 +172,7 @@ class HttpDriver(Driver):
         transport = _established(writer.transport)
         self.options.apply_to_transport(transport)
         return HttpConnection(
-            peer_info(target.scheme, transport),
+            socket_peer_info(target.scheme, transport),
             writer,
             transport,
             response.content,
@@ -244,7 +244,7 @@ class HttpDriver(Driver):
         transport = _established(request.transport)
         self.options.apply_to_transport(transport)
         return HttpConnection(
-            peer_info(scheme, transport),
+            socket_peer_info(scheme, transport),
             writer,
             transport,
             request.content,
@@ -309,22 +309,6 @@ async def _resolve(future: asyncio.Future[None]) -> None:
 def _resolve_now(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def peer_info(scheme: str, transport: asyncio.BaseTransport) -> PeerInfo:
-    """Address and, when TLS verified it, certificate CN of the other end of `transport`."""
-    peername = transport.get_extra_info("peername")
-    address = format_host_port(str(peername[0]), int(peername[1])) if peername else "?"
-    return PeerInfo(scheme, address, _subject_common_name(transport.get_extra_info("peercert")))
-
-
-def _subject_common_name(peercert: Any) -> str | None:
-    """The CN of a *verified* peer certificate (getpeercert() is empty when not verified)."""
-    for rdn in (peercert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
 
 
 def _tls_context(

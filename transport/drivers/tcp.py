@@ -36,6 +36,7 @@ from transport.drivers.base import (
     format_host_port,
     map_exceptions,
     parse_host_port_url,
+    socket_peer_info,
 )
 from transport.exceptions import (
     ConfigError,
@@ -185,7 +186,7 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         except OSError as exc:
             logger.warning("cannot set socket options on %s: %s", transport, exc)
         transport.set_write_buffer_limits(self._options.write_high_water, self._options.low_water)
-        self.connection = TcpConnection(transport, self, _peer_info(self._scheme, transport))
+        self.connection = TcpConnection(transport, self, socket_peer_info(self._scheme, transport))
         try:
             self._receiver = self._receiver_for(self.connection)
         except Exception:
@@ -268,23 +269,6 @@ class _TcpProtocol(asyncio.BufferedProtocol):
             )
             error.__cause__ = exc
         self._receiver.connection_lost(error)
-
-
-def _peer_info(scheme: str, transport: asyncio.BaseTransport) -> PeerInfo:
-    peername = transport.get_extra_info("peername")
-    address = format_host_port(str(peername[0]), int(peername[1])) if peername else "?"
-    return PeerInfo(scheme, address, _subject_common_name(transport.get_extra_info("peercert")))
-
-
-def _subject_common_name(peercert: Any) -> str | None:
-    """The CN of a *verified* peer certificate (getpeercert() is empty when not verified)."""
-    if not peercert:
-        return None
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
 
 
 class TcpConnection(DriverConnection):
