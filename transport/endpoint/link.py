@@ -364,14 +364,22 @@ class Link:
     # --- writing -------------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
+        """Make sure what the protocol queued gets written. A flush task already running takes
+        it: that task only ends once it saw the outbox empty (see _flush_quietly)."""
         if self._protocol.pending_send_bytes and (
             self._flush_task is None or self._flush_task.done()
         ):
             self._flush_task = asyncio.ensure_future(self._flush_quietly())
 
     async def _flush_quietly(self) -> None:
+        # Loop until the outbox is empty: frames queued while a write was in flight (a CREDIT
+        # from a chunk consumed meanwhile, the ACK of an END) found this task running, so
+        # _schedule_flush started no other; without another round they would wait for some
+        # later flush (the next heartbeat), while the peer waits for them. The check and the
+        # end of the task happen in one step, so nothing queued can slip between them.
         with contextlib.suppress(TensorwireError):
-            await self.flush()
+            while self._protocol.pending_send_bytes:
+                await self.flush()
 
     async def flush(self, *, force: bool = False) -> None:
         """Write everything the protocol has queued, in order, honouring back-pressure."""
