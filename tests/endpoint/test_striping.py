@@ -71,3 +71,31 @@ async def test_striped_transfer_survives_cuts() -> None:
     assert digests == expected
     assert result.resumes >= 1
     assert proxy.cuts == cuts
+
+
+async def test_a_new_attempt_starts_without_waiting_for_a_heartbeat() -> None:
+    """After a cut, the streams of the next attempt open at once on the connections that
+    survived, not when the next heartbeat happens to flush them (idle_timeout / 3 = 200 s
+    here, and other timers fire after ~30 s): the whole transfer, cuts included, takes about a
+    second, far within the wait below."""
+    settings = {**SETTINGS, "idle_timeout": 600.0}
+    total = 64 * MIB
+    async with Endpoint(**settings) as server, Endpoint(**settings) as client:
+        url = await server.listen("tcp://127.0.0.1:0")
+        proxy = CuttingProxy("127.0.0.1", int(url.rsplit(":", 1)[1]), [20 * MIB, 40 * MIB])
+        host, port = await proxy.start()
+        source = SyntheticSource(total, seed=5, tensor_bytes=8 * MIB, chunk_size=MIB)
+
+        async def receive() -> Any:
+            return await (await anext(server.incoming())).receive_into(StateDictSink())
+
+        receiving = asyncio.ensure_future(receive())
+        peer = await client.connect(f"tcp://{host}:{port}")
+        result = await asyncio.wait_for(peer.send_state_dict(source, streams=3), 20)
+        received = await asyncio.wait_for(receiving, 20)
+        await proxy.close()
+    assert proxy.cuts == 2
+    assert result.resumes >= 1
+    assert sorted(received) == sorted(spec.name for spec in source.manifest.tensors)
+    for name, tensor in received.items():  # as bytes: random bf16 bytes hold NaNs
+        assert torch.equal(tensor.view(torch.uint8), source.tensor(name).view(torch.uint8)), name

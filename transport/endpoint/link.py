@@ -437,6 +437,10 @@ class Link:
         stream_id = self._protocol.open_stream(header)
         self._sending[stream_id] = _SendSlot()
         self._sending[stream_id].chunk_limit = chunks
+        # The OPEN goes out now: a resumed attempt sends no DATA until the receiver's RESUME
+        # answers it, so waiting for the first chunk to carry it out would wait for the next
+        # heartbeat (idle_timeout / 3) on a connection that is otherwise quiet.
+        self._schedule_flush()
         return stream_id
 
     async def resume_point(self, stream_id: int, *, wait: bool) -> set[int]:
