@@ -27,12 +27,22 @@ class CuttingProxy:
         self.connections = 0
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str = "127.0.0.1") -> tuple[str, int]:
         self._server = await asyncio.start_server(self._serve, host, 0)
         return host, self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop, and reset every connection still open (as a proxy that goes away does)."""
+        self.stall()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def stall(self) -> None:
+        """Stop accepting and forwarding but leave the connections open: a middlebox (or a
+        peer) that hangs, so nothing is read and nothing comes back, yet no socket closes."""
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -51,11 +61,17 @@ class CuttingProxy:
             client_out.transport.abort()
             return
         writers = (client_out, target_out)
+        self._writers.update(writers)
         upstream = asyncio.ensure_future(self._pipe(client_in, target_out, writers, count=True))
         downstream = asyncio.ensure_future(self._pipe(target_in, client_out, writers, count=False))
         self._tasks.update((upstream, downstream))
         await asyncio.gather(upstream, downstream, return_exceptions=True)
         self._tasks.difference_update((upstream, downstream))
+        if upstream.cancelled() and downstream.cancelled():
+            return  # stalled: the connections stay open until close()
+        for writer in writers:
+            writer.close()  # both directions ended (or were cut): release the sockets
+        self._writers.difference_update(writers)
 
     async def _pipe(
         self,

@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -74,3 +75,25 @@ async def _take_one(server: Endpoint) -> None:
 
     transfer = await anext(server.incoming())
     await transfer.receive_into(DigestSink())
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "grpc", "http"])
+async def test_closing_beside_a_hung_peer_is_bounded(scheme: str) -> None:
+    """A peer that stopped reading behind a socket that stays open (a hung process or
+    middlebox) holds a close for a short grace, not for the whole idle_timeout (300 s here)."""
+    settings = {"idle_timeout": 300.0}
+    async with Endpoint(**settings) as server:
+        url = await server.listen(f"{scheme}://127.0.0.1:0")
+        proxy = CuttingProxy("127.0.0.1", int(url.rsplit(":", 1)[1]), [])
+        host, port = await proxy.start()
+        client = Endpoint(**settings)
+        peer = await client.connect(f"{scheme}://{host}:{port}")
+        server.on_request(_echo)
+        assert (await peer.request({"ping": 1}))[0] == {"ping": 1}
+        proxy.stall()
+        await asyncio.wait_for(client.close(), 60)
+        await proxy.close()
+
+
+async def _echo(peer: Any, header: Any, body: bytes) -> tuple[Any, bytes]:
+    return header, body

@@ -84,7 +84,9 @@ _READY_KEY = "tensorwire-ready"
 # Listener.close() stops accepting but must leave open connections alone; grpc's stop(grace)
 # cancels every call when the grace ends, so the grace is effectively forever.
 _LISTENER_CLOSE_GRACE_S = 365 * 24 * 3600.0
-_RPC_ERRORS = (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError, RuntimeError)
+# What grpc.aio raises from a call that broke under it. grpc.aio.BaseError covers UsageError and
+# the InternalError / ExecuteBatchError a write on a call reset mid-message raises.
+_RPC_ERRORS = (grpc.RpcError, grpc.aio.BaseError, asyncio.InvalidStateError, RuntimeError)
 
 # --- connections --------------------------------------------------------------------------------
 

@@ -49,6 +49,10 @@ RequestHandler = Callable[
 # when it was refused).
 OpenHandler = Callable[["Link", int, Mapping[str, Any]], "IncomingTransfer | None"]
 
+# How long a close waits for the GOAWAY to go out and the driver to close gracefully; a peer
+# that does not take them in this time is dropped.
+CLOSE_GRACE_S = 10.0
+
 _PROGRESS_EVENTS = (
     sfm.DataReceived,
     sfm.CreditGranted,
@@ -179,17 +183,24 @@ class Link:
         """Say goodbye, flush what is queued and close the driver connection.
 
         Waiters are woken first (with ConnectionClosedError), so nothing blocked on credit
-        outlives the close; then the GOAWAY gets up to idle_timeout to go out."""
+        outlives the close; then the GOAWAY and the driver's graceful close get a short grace
+        (CLOSE_GRACE_S, or idle_timeout if shorter). A peer that stopped reading behind an open
+        socket (a hung process, a proxy gone quiet) is then dropped: closing must not block a
+        shutdown for a whole idle_timeout."""
         was_open = self.error is None
         self.metrics.closing()
         if was_open and not self._protocol.closed:
             self._protocol.close("normal", "closing")
         self._fail(ConnectionClosedError("connection closed locally"))
+        deadline = self._loop.time() + min(self.idle_timeout, CLOSE_GRACE_S)
         if was_open:
             with contextlib.suppress(TensorwireError, TimeoutError):
-                await asyncio.wait_for(self.flush(force=True), self.idle_timeout)
+                await asyncio.wait_for(self.flush(force=True), deadline - self._loop.time())
         if self._driver is not None:
-            await self._driver.close()
+            try:
+                await asyncio.wait_for(self._driver.close(), max(0.0, deadline - self._loop.time()))
+            except TimeoutError:
+                self._driver.abort()
         for task in list(self._tasks):
             task.cancel()
 
