@@ -195,7 +195,7 @@ class FLClient:
         self.endpoint.on_request(self._serve_request)
         self.peer = await self._connect_with_retry()
         try:
-            await self.peer.request({"fl": HELLO})
+            answer, _ = await self.peer.request({"fl": HELLO})
         except RemoteError as refusal:
             if refusal.code != "unauthorized":
                 raise
@@ -207,6 +207,8 @@ class FLClient:
             asyncio.ensure_future(self._take_tasks()),
             asyncio.ensure_future(self._heartbeat()),
         ]
+        if kind_of(answer) == STOP:  # joined a job that is already over
+            self._end(str(answer.get("reason", "the server ended the job")))
 
     async def is_running_async(self) -> bool:
         """Wait until the server sends the next task (True) or ends the job (False)."""
@@ -407,18 +409,23 @@ class FLClient:
 
     async def _heartbeat(self) -> None:
         """Tell the server this site is alive (and on which task); the request also makes the
-        transport reconnect when the connection dropped. Ends the job when the server is gone."""
+        transport reconnect when the connection dropped. Ends the job when the server is gone,
+        or when its answer says the job is over (a STOP this site missed)."""
         peer = self._require_peer()
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             task_id = self.current.task_id if self.current else None
             try:
-                await peer.request({"fl": HEARTBEAT, "task_id": task_id})
+                answer, _ = await peer.request({"fl": HEARTBEAT, "task_id": task_id})
             except TensorwireError as error:
                 if peer.closed:
                     self._end(f"lost the server: {error}")
                     return
                 log.info("heartbeat failed: %s", error)
+                continue
+            if kind_of(answer) == STOP:
+                self._end(str(answer.get("reason", "the server ended the job")))
+                return
 
 
 class _LoopThread:

@@ -104,6 +104,7 @@ class FLServer:
         self._joined = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._task_numbers = itertools.count(1)
+        self._stop_reason: str | None = None  # set once the job told its clients to stop
 
     async def start(self, urls: Sequence[str]) -> list[str]:
         """Listen on every URL (one or more drivers); returns the bound URLs."""
@@ -153,6 +154,10 @@ class FLServer:
         return self.live_clients()
 
     async def stop_clients(self, reason: str) -> None:
+        """Tell every connected client to stop. One that misses it (its connection was being
+        replaced just then) is told again in the answer to its next heartbeat or hello."""
+        self._stop_reason = reason
+
         async def stop(record: ClientRecord) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(record.peer.request({"fl": STOP, "reason": reason}), 5)
@@ -186,6 +191,8 @@ class FLServer:
             self._client_reported(record.name, header)
         elif kind == HELLO:
             self._client_restarted(record.name)
+        if self._stop_reason is not None and kind in (HELLO, HEARTBEAT):
+            return {"fl": STOP, "reason": self._stop_reason, "job": self.job}, b""
         return {"fl": kind, "job": self.job}, b""
 
     def _client_restarted(self, client: str) -> None:
