@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fl.model import FLModel, ParamsType
+from fl.model import FLModel, ParamsType, params_nbytes
 from fl.protocol import (
     ERROR,
     HEARTBEAT,
@@ -55,7 +55,6 @@ from transport import (
     Peer,
     RemoteError,
     Sink,
-    Source,
     StateDictSink,
     StreamResetError,
     TensorwireError,
@@ -251,8 +250,9 @@ class FLClient:
         transfer_id = f"{task.task_id}/{self.settings.site}/result"
         self.current = None
         sending = peer.send_state_dict(model.params, meta=meta, transfer_id=transfer_id)
+        nbytes = params_nbytes(model.params)
         try:
-            with self._progress(_nbytes(model.params), f"round {task.round + 1} result", "sent"):
+            with self._progress(nbytes, f"round {task.round + 1} result", "sent"):
                 return await self._stoppable(sending)
         except StreamResetError as refusal:
             log.warning("the server did not take this result: %s", refusal)
@@ -261,7 +261,7 @@ class FLClient:
     def _progress(
         self, nbytes: int, description: str, direction: str
     ) -> AbstractContextManager[object]:
-        wanted = self.settings.progress and progress.progress_wanted()
+        wanted = None if self.settings.progress else False  # None: on a terminal only
         return progress.transfer_progress(nbytes, description, direction, enabled=wanted)
 
     async def _stoppable(self, operation: Awaitable[_T]) -> _T:
@@ -514,12 +514,6 @@ def send(model: FLModel) -> TransferResult | None:
 def report_error(message: str) -> None:
     """Report that this task failed."""
     _client().report_error(message)
-
-
-def _nbytes(params: Mapping[str, torch.Tensor] | Source) -> int:
-    if isinstance(params, Source):
-        return params.manifest.total_bytes
-    return sum(tensor.nbytes for tensor in params.values())
 
 
 def _install_exit_hooks(client: FLClient) -> None:

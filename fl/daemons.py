@@ -131,9 +131,10 @@ def run_client(config: ClientConfig, *, progress: bool = False) -> int:
     script = Path(config.script)
     if not script.is_file():
         raise FileNotFoundError(f"the training script {script} does not exist")
+    settings = client_settings(config, progress=progress)
     if config.mode == "in-process":
-        return _run_in_process(client_settings(config, progress=progress), script, config.args)
-    return _supervise(config, script, client_settings(config, progress=progress))
+        return _run_in_process(settings, script, config.args)
+    return _supervise(config, script, settings)
 
 
 def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from benchmarks.probes import RssSampler, format_size, parse_size
 from fl.client import ClientSettings
 from fl.fedavg import FedAvg, RoundReport
-from fl.model import FLModel
+from fl.model import FLModel, params_nbytes
 from fl.server import FLServer
 from fl.task import MLP, evaluate, held_out_data
 from transport import progress
@@ -47,13 +47,13 @@ def global_accuracy(model: FLModel) -> dict[str, float]:
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run the demo; returns the JSON-able summary."""
-    padding = max(0, parse_size(options.model_size) - _bytes_of(MLP().state_dict()))
+    padding = max(0, parse_size(options.model_size) - params_nbytes(MLP().state_dict()))
     return asyncio.run(_run(options, padding))
 
 
 async def _run(options: DemoOptions, padding: int) -> dict[str, Any]:
     state_dict = MLP(padding_bytes=padding).state_dict()
-    initial, model_bytes = FLModel(params=state_dict), _bytes_of(state_dict)
+    initial, model_bytes = FLModel(params=state_dict), params_nbytes(state_dict)
     first_accuracy = global_accuracy(initial)["accuracy"]
     progress = _Progress(options, model_bytes)
     fedavg = FedAvg(
@@ -77,10 +77,6 @@ async def _run(options: DemoOptions, padding: int) -> dict[str, Any]:
             await server.stop_clients("demo finished")
             await asyncio.to_thread(_reap, children)
     return _summary(options, model_bytes, first_accuracy, fedavg.history, progress)
-
-
-def _bytes_of(state_dict: dict[str, torch.Tensor]) -> int:
-    return sum(int(tensor.nbytes) for tensor in state_dict.values())
 
 
 def _listen_url(driver: str) -> str:

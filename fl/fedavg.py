@@ -26,7 +26,7 @@ from fl.aggregation import (
     as_params_type,
 )
 from fl.controller import Controller
-from fl.model import FLModel, ParamsType
+from fl.model import FLModel, ParamsType, params_nbytes
 from fl.protocol import ResultInfo
 from fl.server import ClientResult
 from transport import CallbackSink, IncomingTransfer, SafetensorsSource, Sink, Source
@@ -132,11 +132,8 @@ class FedAvg(Controller):
 
     def model_bytes(self) -> int:
         """Tensor bytes of the global model (what each sampled site receives)."""
-        params = self.model.params
-        if isinstance(params, Source):
-            return params.manifest.total_bytes
-        assert params is not None
-        return sum(tensor.nbytes for tensor in params.values())
+        assert self.model.params is not None
+        return params_nbytes(self.model.params)
 
     def base_lookup(self) -> BaseLookup | None:
         """The global model's tensors by name, where it is held in memory."""

@@ -17,6 +17,13 @@ SAMPLE_COUNT = "sample_count"
 Params = Mapping[str, torch.Tensor] | Source
 
 
+def params_nbytes(params: Params) -> int:
+    """Tensor bytes of a state dict or a transport Source (what one transfer of it moves)."""
+    if isinstance(params, Source):
+        return params.manifest.total_bytes
+    return sum(int(tensor.nbytes) for tensor in params.values())
+
+
 class ParamsType(enum.StrEnum):
     """FULL: the parameters themselves. DIFF: the change from the model the client received."""
 
