@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.ops.terminal import popen_on_terminal, run_on_terminal
+from tests.ops.test_daemons_metrics import wait_for
 from transport import Endpoint, EndpointConfig, StateDictSink, StreamResetError
 from transport.progress import progress_wanted, transfer_progress
 
@@ -125,7 +126,7 @@ def test_daemons_draw_a_bar_per_round_and_per_transfer(tmp_path: Path) -> None:
     )
     client = None
     try:
-        url = _wait_for(server, "listening on").split("listening on ")[1].split()[0]
+        url = wait_for(server, "listening on").split("listening on ")[1].split()[0]
         client_config = tmp_path / "site.toml"
         client_config.write_text(
             f'server = "{url}"\nsite = "site-1"\nmode = "in-process"\n'
@@ -134,8 +135,8 @@ def test_daemons_draw_a_bar_per_round_and_per_transfer(tmp_path: Path) -> None:
         client, client_terminal = popen_on_terminal(
             [sys.executable, daemon, "client", client_config], **pipes
         )
-        _wait_for(server, "daemon done: True")
-        _wait_for(client, "daemon done: 0")
+        wait_for(server, "daemon done: True")
+        wait_for(client, "daemon done: 0")
     finally:
         for process in (server, client):
             if process is not None and process.poll() is None:
@@ -146,14 +147,6 @@ def test_daemons_draw_a_bar_per_round_and_per_transfer(tmp_path: Path) -> None:
     client_drawn = client_terminal.finish()
     for shown in ("round 1 model", "round 1 result", "round 2 model", "round 2 result", "100%"):
         assert shown in client_drawn, shown
-
-
-def _wait_for(process: subprocess.Popen[str], marker: str) -> str:
-    assert process.stdout is not None
-    for line in process.stdout:
-        if marker in line:
-            return line
-    raise AssertionError(f"the daemon exited ({process.wait()}) without printing {marker!r}")
 
 
 def test_fl_demo_draws_a_bar_per_round_unless_quiet() -> None:
