@@ -168,7 +168,7 @@ class IncomingTransfer:
             self._resume_from(sink, manifest)
             sink.open(manifest)
             await self._write_all(sink, manifest, chunks)
-            self._verify_whole(len(chunks))
+            digest = self._verify_whole(len(chunks))
         except BaseException as error:
             sink.abort(error)
             if isinstance(error, ProtocolError):  # e.g. a chunk that does not match the plan
@@ -180,7 +180,7 @@ class IncomingTransfer:
             raise
         result = sink.commit()
         self._finish(ok=True)
-        record.resumes, record.digest = self.attempt, transfer_digest(self._received)
+        record.resumes, record.digest = self.attempt, digest
         record.end()
         return result
 
@@ -231,20 +231,22 @@ class IncomingTransfer:
             metrics.tensor_bytes_moved("received", chunk.nbytes)
             _give_back(link, event)
 
-    def _verify_whole(self, expected_chunks: int) -> None:
-        """Every planned chunk arrived once, and the digest over all of them is the sender's."""
+    def _verify_whole(self, expected_chunks: int) -> str:
+        """Every planned chunk arrived once, and the digest over all of them is the sender's;
+        returns that digest."""
         if len(self._received) != expected_chunks:
             raise IntegrityError(
                 f"transfer {self.transfer_id}: {len(self._received)} of {expected_chunks} chunks "
                 "arrived before END"
             )
         expected = self._end_header.get("transfer_digest")
-        if expected is not None and expected != transfer_digest(self._received):
-            computed = transfer_digest(self._received)
+        computed = transfer_digest(self._received)
+        if expected is not None and expected != computed:
             raise DigestMismatchError(
                 f"transfer {self.transfer_id}: digest over all chunks {computed} != the "
                 f"sender's {expected}"
             )
+        return computed
 
     async def __aiter__(self) -> AsyncIterator[memoryview]:
         """Blocks of a byte stream, in order; each view is valid until the next one is asked for."""

@@ -148,6 +148,7 @@ class _Transfer:
     checksums: dict[int, int] = field(default_factory=dict)
     attempt: int = 0
     bytes_sent: int = 0
+    digest: str = ""  # over every chunk's checksum, once all were sent
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -191,7 +192,7 @@ async def send_source(
         transfer.transfer_id,
         transfer.attempt,
         transfer.bytes_sent,
-        transfer_digest(transfer.checksums),
+        transfer.digest,
     )
 
 
@@ -223,7 +224,8 @@ async def _striped_attempt(
                 pipeline = ChunkPipeline(source.manifest, source, *codec)
                 group.create_task(_send_stripe(link, sid, source, pipeline, deal, held, transfer))
         _fill_checksums(source, source.manifest, transfer)
-        end = {"transfer_digest": transfer_digest(transfer.checksums)}
+        transfer.digest = transfer_digest(transfer.checksums)
+        end = {"transfer_digest": transfer.digest}
         async with asyncio.TaskGroup() as group:
             for link, sid in streams:
                 group.create_task(link.end_stream(sid, end))
