@@ -9,7 +9,8 @@
 
 The library only emits records (on the "tensorwire.*" loggers); it configures nothing unless the
 application (or a daemon) calls `configure_logging`. At INFO there is one line when a transfer
-starts and one when it ends, never one per chunk.
+starts and one when it ends, never one per chunk. Under plain `logging` (no configure_logging) the
+message itself carries the fields: `transfer_end direction=received transfer=... bytes=...`.
 """
 
 from __future__ import annotations
@@ -26,14 +27,23 @@ from transport import metrics
 LogFormat = Literal["kv", "json"]
 FORMATS: tuple[LogFormat, ...] = ("kv", "json")
 FIELDS_ATTRIBUTE = "tensorwire_fields"
+EVENT_ATTRIBUTE = "tensorwire_event"
 
 transfer_log = logging.getLogger("tensorwire.transfer")
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
-    """Log `event` with `fields` as structured data (plain formatters show `event`)."""
+    """Log `event` with `fields`: the message is `event key=value ...`, so an application's own
+    logging setup (`logging.basicConfig()`) shows the fields too; the formatters of
+    `configure_logging` take event and fields from the record instead, so they never repeat them.
+    """
     if logger.isEnabledFor(level):
-        logger.log(level, event, extra={FIELDS_ATTRIBUTE: fields})
+        pairs = (f"{key}={_logfmt(value)}" for key, value in fields.items() if value is not None)
+        logger.log(
+            level,
+            " ".join((event, *pairs)),
+            extra={FIELDS_ATTRIBUTE: fields, EVENT_ATTRIBUTE: event},
+        )
 
 
 class _StructuredFormatter(logging.Formatter):
@@ -46,7 +56,7 @@ class _StructuredFormatter(logging.Formatter):
         }
         extra = getattr(record, FIELDS_ATTRIBUTE, None)
         if isinstance(extra, dict):
-            base["event"] = record.getMessage()
+            base["event"] = getattr(record, EVENT_ATTRIBUTE, None) or record.getMessage()
             base.update((key, value) for key, value in extra.items() if value is not None)
         else:
             base["msg"] = record.getMessage()

@@ -75,8 +75,34 @@ async def test_key_value_lines(restore_logging: None) -> None:
     ends = [line for line in lines if "event=transfer_end" in line]
     assert len(ends) == 2
     received = next(line for line in ends if "direction=received" in line)
-    fields = dict(part.split("=", 1) for part in received.split(" "))
+    pairs = [part.split("=", 1) for part in received.split(" ")]
+    fields = dict(pairs)
     assert {"ts", "level", "bytes", "seconds", "rate_mb_s", "digest", "peer"} <= set(fields)
+    assert len(pairs) == len(fields)  # each field once: none repeated from the plain message
+    assert fields["event"] == "transfer_end"
+
+
+async def test_plain_logging_shows_the_fields(caplog: pytest.LogCaptureFixture) -> None:
+    """An application with only `logging.basicConfig()` sees the fields in the message."""
+    caplog.set_level(logging.INFO, logger="tensorwire.transfer")
+    nbytes = await move_one_state_dict()
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("transfer_end ")]
+    received = next(message for message in ends if "direction=received" in message)
+    fields = dict(part.split("=", 1) for part in received.split(" ")[1:])
+    assert fields["transfer"] == "logged"
+    assert fields["bytes"] == str(nbytes)
+    assert fields["outcome"] == "ok"
+    assert fields["peer"] == "cli"
+    assert len(fields["digest"]) == 32
+    assert float(fields["seconds"]) > 0
+    assert "error" not in fields  # a None-valued field is left out, as in the kv lines
+
+
+def test_plain_message_quotes_like_the_kv_lines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tensorwire.test-plain")
+    logger = logging.getLogger("tensorwire.test-plain")
+    log_event(logger, logging.INFO, "thing", reason='a "b" = c', missing=None, ratio=0.125)
+    assert caplog.messages == ['thing reason="a \\"b\\" = c" ratio=0.125']
 
 
 def test_values_are_quoted_when_needed() -> None:
