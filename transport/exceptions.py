@@ -10,7 +10,8 @@ failed (report it), and a transport error is the network between us (retry or re
     │   ├── ConfigError                 invalid configuration or URL
     │   ├── PayloadError                a source or sink cannot do what was asked
     │   │   └── SinkMismatchError       the sink's tensors do not match the manifest
-    │   └── StreamStateError            an API call that the stream's state does not allow
+    │   ├── StreamStateError            an API call that the stream's state does not allow
+    │   └── WrongEventLoopError         an Endpoint used from an event loop it does not run on
     ├── ProtocolError                   the peer broke the protocol (we disconnect it)
     │   ├── FrameError                  a frame that cannot be parsed
     │   │   ├── BadMagicError           not a tensorwire frame
@@ -30,6 +31,8 @@ failed (report it), and a transport error is the network between us (retry or re
     │   └── DigestMismatchError         the end-of-stream digest does not match
     ├── RemoteError                     the peer reported a failure
     │   ├── StreamResetError            the peer reset the stream, with its reason
+    │   │   ├── TransferRejectedError   the receiver rejected the transfer or its sink failed
+    │   │   └── TransferCancelledError  the sender cancelled the transfer
     │   └── RemoteRequestError          the peer's request handler failed
     └── TransportError                  the connection itself
         ├── ConnectError                could not connect
@@ -67,11 +70,14 @@ __all__ = [
     "StreamResetError",
     "StreamStateError",
     "TensorwireError",
+    "TransferCancelledError",
+    "TransferRejectedError",
     "TransportError",
     "TruncatedFrameError",
     "UnexpectedFrameError",
     "UnknownFrameTypeError",
     "UnsupportedVersionError",
+    "WrongEventLoopError",
 ]
 
 
@@ -100,6 +106,12 @@ class SinkMismatchError(PayloadError):
 
 class StreamStateError(LocalError):
     """The application called something the stream's current state does not allow."""
+
+
+class WrongEventLoopError(LocalError, RuntimeError):
+    """An Endpoint (or its peers and transfers) used from an event loop other than the one it
+    was created on, e.g. from a script that calls asyncio.run() per call: use one loop, or
+    transport.sync."""
 
 
 # --- the peer broke the rules ------------------------------------------------------------------
@@ -185,6 +197,15 @@ class RemoteError(TensorwireError):
 
 class StreamResetError(RemoteError):
     """The peer reset the stream; `code` and the message carry its reason."""
+
+
+class TransferRejectedError(StreamResetError):
+    """The receiver did not commit the transfer: its application rejected it, its sink failed or
+    its checks failed; the message carries the receiver's reason."""
+
+
+class TransferCancelledError(StreamResetError):
+    """The sender cancelled the transfer (a final reset, not a lost connection)."""
 
 
 class RemoteRequestError(RemoteError):

@@ -1,0 +1,297 @@
+"""The receiving side of transfers, sans-I/O: which stream belongs to which transfer, which chunks
+are new, when every stripe ended, whether the whole transfer checks out, and the verdict.
+
+`IncomingRegistry` answers each stream the peer opens (a new transfer, another stripe or attempt of
+a known one, a duplicate of one already committed, or a refusal) and routes every later stream
+event to its transfer. `IncomingState` is one transfer. Connections are opaque hashable keys; time
+is an input; nothing here waits or writes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from transport.exceptions import (
+    DigestMismatchError,
+    IdleTimeoutError,
+    IntegrityError,
+    ProtocolError,
+    StreamResetError,
+    TensorwireError,
+    TransferCancelledError,
+    UnexpectedFrameError,
+)
+from transport.transfer import headers
+from transport.transfer.headers import OpenHeader
+from transport.transfer.states import TERMINAL, Role, TransferInput, TransferState, next_state
+
+In = TransferInput
+StreamKey = tuple[Hashable, int]  # (connection, stream id)
+# Committed transfers remembered so that a sender which lost our verdict and reopens one is told
+# "all held" and gets the verdict again, instead of delivering the transfer a second time.
+COMPLETED_REMEMBERED: Final = 1024
+
+
+class Data(enum.Enum):
+    """What to do with an arriving chunk."""
+
+    NEW = "new"  # hand it to the application
+    DUPLICATE = "duplicate"  # already held: drop it and give its credit back
+
+
+@dataclass
+class IncomingState:
+    """One transfer this side receives."""
+
+    opened: OpenHeader
+    key: StreamKey
+    now: float
+    state: TransferState = TransferState.IDLE
+    attempt: int = 0
+    stripes: int = 1
+    current: set[StreamKey] = field(default_factory=set)  # streams of the current attempt
+    ended: set[StreamKey] = field(default_factory=set)
+    streams: set[StreamKey] = field(default_factory=set)  # every stream ever routed here
+    received: dict[int, int] = field(default_factory=dict)  # chunk index -> checksum
+    end_header: Mapping[str, Any] = field(default_factory=dict)
+    lost_since: float | None = None
+    error: TensorwireError | None = None
+
+    def __post_init__(self) -> None:
+        self.attempt, self.stripes = self.opened.attempt, self.opened.stripes
+        self.current = {self.key}
+        self.streams = {self.key}
+        self._step(In.OPEN_ATTEMPT)
+
+    @property
+    def transfer_id(self) -> str | None:
+        return self.opened.transfer_id
+
+    @property
+    def resumable(self) -> bool:
+        return self.transfer_id is not None and self.opened.kind == headers.STATE_DICT
+
+    @property
+    def holds_credit(self) -> bool:
+        """Only a transfer the application took may be granted stream credit (rule 4)."""
+        return self.state not in (TransferState.ANNOUNCED, TransferState.IDLE, *TERMINAL)
+
+    def _step(self, event: TransferInput) -> bool:
+        new = next_state(Role.RECEIVER, self.state, event, self.transfer_id or "")
+        if new is None:
+            return False
+        self.state = new
+        return True
+
+    # --- streams and attempts --------------------------------------------------------------
+
+    def join(self, key: StreamKey, opened: OpenHeader, now: float) -> bool:
+        """Another stream of this transfer opened. True: it joins (a stripe of the current
+        attempt, or the first of a newer one); False: an older attempt's (reset it STALE)."""
+        if opened.attempt < self.attempt:
+            return False
+        self.streams.add(key)
+        if opened.attempt > self.attempt:
+            self.attempt, self.stripes = opened.attempt, opened.stripes
+            self.current, self.ended = set(), set()
+            self.lost_since = None
+        self.current.add(key)
+        self._step(In.OPEN_ATTEMPT)
+        return True
+
+    def resume_point(self) -> dict[str, Any]:
+        """The RESUME header: every chunk held (received, queued, or kept by a persisting sink)."""
+        return {"held": headers.index_ranges(self.received)}
+
+    def on_data(self, key: StreamKey, index: int, checksum: int) -> Data:
+        if index in self.received:
+            return Data.DUPLICATE
+        self.received[index] = checksum
+        return Data.NEW
+
+    def on_end(self, key: StreamKey, header: Mapping[str, Any]) -> bool:
+        """A stream's END (sfm verified its own digest). True once every stripe of the current
+        attempt ended: the transfer moves to VERIFYING."""
+        if key not in self.current:
+            return False  # a stream of an attempt that was given up
+        self.ended.add(key)
+        self.end_header = header
+        if len(self.ended) < self.stripes:
+            return False
+        return self._step(In.ALL_ENDED) and self.state is TransferState.VERIFYING
+
+    def on_reset(self, key: StreamKey, code: str, reason: str, now: float) -> None:
+        """The sender reset one of our streams: a superseded attempt, a cancel, or a failure."""
+        if key not in self.current:
+            return
+        if code == headers.SUPERSEDED and self.resumable:
+            self.on_lost(key, now)
+            return
+        if code == headers.CANCELLED:
+            error: TensorwireError = TransferCancelledError(
+                f"the sender cancelled transfer {self.transfer_id}: {reason}", code=code
+            )
+            if self._step(In.CANCEL):
+                self.error = self.error or error
+            return
+        self.fail(
+            StreamResetError(f"the sender reset transfer {self.transfer_id}: {reason}", code=code)
+        )
+
+    def on_lost(self, key: StreamKey, now: float, error: TensorwireError | None = None) -> None:
+        """A stream (or its connection) of the current attempt is gone."""
+        if key not in self.current or self.state in TERMINAL:
+            return
+        if not self.resumable:
+            self.fail(error or IdleTimeoutError(f"byte stream {self.transfer_id} lost"))
+            return
+        self.current.discard(key)
+        if self._step(In.LOSE) and self.lost_since is None:
+            self.lost_since = now
+
+    def deadline(self, idle_timeout: float) -> float | None:
+        """When waiting for the sender's next attempt gives up (None: not waiting)."""
+        if self.lost_since is None or self.state in TERMINAL:
+            return None
+        return self.lost_since + idle_timeout
+
+    def give_up(self, idle_timeout: float) -> None:
+        self.fail(
+            IdleTimeoutError(
+                f"transfer {self.transfer_id}: the sender did not come back within "
+                f"{idle_timeout:g} s after the connection was lost"
+            )
+        )
+
+    # --- the application's side ------------------------------------------------------------
+
+    def take(self) -> None:
+        self._step(In.TAKE)
+        if self.lost_since is not None:
+            self._step(In.LOSE)
+
+    def verify(self, chunk_count: int) -> str:
+        """Every planned chunk arrived once and the sender's transfer digest matches; returns it.
+        The digest is mandatory for a state dict: a sender that leaves it out fails here."""
+        if len(self.received) != chunk_count:
+            raise IntegrityError(
+                f"transfer {self.transfer_id}: {len(self.received)} of {chunk_count} chunks "
+                "arrived before END"
+            )
+        computed = headers.transfer_digest(self.received)
+        expected = self.end_header.get("transfer_digest")
+        if expected is None:
+            raise IntegrityError(f"transfer {self.transfer_id}: END carries no transfer_digest")
+        if expected != computed:
+            raise DigestMismatchError(
+                f"transfer {self.transfer_id}: digest over all chunks {computed} != the "
+                f"sender's {expected}"
+            )
+        return computed
+
+    def commit(self) -> list[StreamKey]:
+        """The sink committed: the streams whose final ACK carries the verdict."""
+        self._step(In.COMMIT)
+        return sorted(self.current, key=lambda k: k[1])
+
+    def reject(self, reason: str) -> list[tuple[StreamKey, str, str]]:
+        self._step(In.REJECT)
+        return [(key, headers.REJECTED, reason) for key in self.current]
+
+    def fail(self, error: TensorwireError) -> list[tuple[StreamKey, str, str]]:
+        """A final error here: the resets that tell the sender why."""
+        if self.state in TERMINAL:
+            return []
+        self._step(In.FAIL)
+        self.error = self.error or error
+        code = headers.REJECTED if isinstance(error, StreamResetError) else headers.RECEIVER_FAILED
+        reason = f"{type(error).__name__}: {error}"
+        return [(key, code, reason) for key in self.current]
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The registry's answer to a stream the peer opened."""
+
+    action: str  # NEW, JOINED, DUPLICATE, REFUSED
+    transfer: IncomingState | None = None
+    code: str = ""
+    reason: str = ""
+    held_chunks: int = 0  # DUPLICATE: how many chunks the committed transfer had
+
+
+NEW, JOINED, DUPLICATE, REFUSED = "new", "joined", "duplicate", "refused"
+
+
+class IncomingRegistry:
+    """Every transfer this side receives, keyed by transfer id, and the route of every stream."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, IncomingState] = {}
+        self._routes: dict[StreamKey, IncomingState] = {}
+        self._committed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunk count
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def route(self, key: StreamKey) -> IncomingState | None:
+        return self._routes.get(key)
+
+    def on_open(self, key: StreamKey, header: Mapping[str, Any], now: float) -> Opened:
+        """A stream the peer opened (ProtocolError for a malformed header: refuse the peer)."""
+        opened = OpenHeader.parse(header)
+        tid = opened.transfer_id
+        known = self._by_id.get(tid) if tid is not None else None
+        if known is not None:
+            return self._join(known, key, opened, now)
+        if tid is not None and tid in self._committed and opened.kind == headers.STATE_DICT:
+            return Opened(DUPLICATE, held_chunks=self._committed[tid])
+        transfer = IncomingState(opened, key, now)
+        self._routes[key] = transfer
+        if tid is not None:
+            self._by_id[tid] = transfer
+        return Opened(NEW, transfer)
+
+    def _join(self, known: IncomingState, key: StreamKey, opened: OpenHeader, now: float) -> Opened:
+        if not known.resumable:
+            raise UnexpectedFrameError(f"transfer id {known.transfer_id!r} is already in use")
+        if not opened.same_transfer(known.opened):
+            return Opened(REFUSED, code=headers.MISMATCH, reason="resumed with another manifest")
+        if not known.join(key, opened, now):
+            reason = f"attempt {opened.attempt} < {known.attempt}"
+            return Opened(REFUSED, code=headers.STALE, reason=reason)
+        self._routes[key] = known
+        return Opened(JOINED, known)
+
+    def connection_lost(self, connection: Hashable, now: float) -> list[IncomingState]:
+        """Every transfer with a stream on `connection` loses it; returns those affected."""
+        lost = [(key, t) for key, t in self._routes.items() if key[0] == connection]
+        for key, transfer in lost:
+            transfer.on_lost(key, now)
+            del self._routes[key]
+        return list({id(t): t for _, t in lost}.values())
+
+    def finished(self, transfer: IncomingState) -> None:
+        """The transfer ended: forget its routes; remember it if it committed."""
+        for key in transfer.streams:
+            if self._routes.get(key) is transfer:
+                del self._routes[key]
+        tid = transfer.transfer_id
+        if tid is not None and self._by_id.get(tid) is transfer:
+            del self._by_id[tid]
+        if tid is not None and transfer.state is TransferState.COMMITTED:
+            self._committed[tid] = len(transfer.received)
+            while len(self._committed) > COMPLETED_REMEMBERED:
+                self._committed.popitem(last=False)
+
+    def transfers(self) -> list[IncomingState]:
+        return list({id(t): t for t in self._routes.values()}.values())
+
+    def check_data(self, key: StreamKey, index: int, chunk_count: int) -> None:
+        """An index beyond the plan is the peer's protocol breach."""
+        if not 0 <= index < chunk_count:
+            raise ProtocolError(f"chunk index {index} beyond the plan's {chunk_count} chunks")
