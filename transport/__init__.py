@@ -4,7 +4,7 @@ or memory, with memory bounded by a window, per-chunk integrity and one idle tim
 This module is the public API; everything else in the package is internal and may change.
 """
 
-from transport import logs, metrics, progress
+from transport import logs, metrics, progress, sync
 from transport.certs import (
     CertificateFiles,
     client_tls,
@@ -65,6 +65,7 @@ __all__ = [
     "metrics",
     "progress",
     "server_tls",
+    "sync",
     "tls_config_for",
     *_exception_names,
 ]
