@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from transport import sfm
 from transport.codecs import CompressionMode, CompressionPolicy
@@ -91,6 +92,11 @@ class EndpointConfig:
             connection_window=self.connection_window,
             max_streams=self.max_streams,
             limits=self.frame_limits,
+            # A transfer the application has not taken holds no credit (it would block the
+            # connection window for the ones being received), and a stream's final ACK is the
+            # receiving application's verdict that it committed the transfer.
+            stream_credit=0,
+            ack_on_end=False,
         )
 
     @property
@@ -112,5 +118,36 @@ class EndpointConfig:
         return CompressionPolicy(mode, self.compression_level, threads=self.compression_threads)
 
     def replace(self, **changes: object) -> EndpointConfig:
+        unknown = set(changes) - set(EndpointConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown Endpoint option(s) {sorted(unknown)}; the options are EndpointConfig's "
+                f"fields: {sorted(EndpointConfig.__dataclass_fields__)}"
+            )
         fields = {name: getattr(self, name) for name in EndpointConfig.__dataclass_fields__}
         return EndpointConfig(**{**fields, **changes})
+
+
+class EndpointOptions(TypedDict, total=False):
+    """EndpointConfig's fields as keyword options of `Endpoint(...)` (typed for checkers)."""
+
+    node_id: str
+    chunk_size: int
+    stream_window: int
+    connection_window: int
+    max_streams: int
+    idle_timeout: float
+    heartbeat_interval: float
+    reconnect_initial_delay: float
+    reconnect_max_delay: float
+    tls: TLSConfig | None
+    token: str | None
+    auth_tokens: frozenset[str] | None
+    allowed_identities: frozenset[str] | None
+    compression: str
+    compression_level: int
+    compression_threads: int
+    streams: int
+    max_connections: int
+    hello_timeout: float
+    limits: Limits | None

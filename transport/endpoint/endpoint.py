@@ -15,26 +15,39 @@ The same code runs over every driver: the URL's scheme picks it.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from hmac import compare_digest
 from types import TracebackType
 from typing import Any
 
-from transport import metrics
+from typing_extensions import Unpack
+
+from transport import metrics, sfm
 from transport.drivers import DriverConnection, Listener, driver_for
-from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig
+from transport.endpoint.clock import Clock
+from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig, EndpointOptions
 from transport.endpoint.link import Link
 from transport.endpoint.peer import Peer
 from transport.endpoint.pool import BufferPool
-from transport.endpoint.receiving import IncomingTransfer
-from transport.exceptions import ConfigError
+from transport.endpoint.receiving import IncomingTransfer, _give_back
+from transport.exceptions import (
+    ConfigError,
+    ConnectError,
+    ConnectionClosedError,
+    TensorwireError,
+    WrongEventLoopError,
+)
+from transport.transfer import (
+    DUPLICATE,
+    JOINED,
+    NEW,
+    IncomingRegistry,
+    StreamKey,
+    TransferState,
+)
+from transport.transfer import headers as transfer_headers
 from transport.wire import Buffer
-
-# Completed transfers remembered so that a sender which lost our final ACK and reopens one is
-# answered "all held" instead of delivering the transfer to the application a second time.
-_COMPLETED_REMEMBERED = 1024
 
 RequestHandler = Callable[
     [Peer, Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
@@ -42,20 +55,33 @@ RequestHandler = Callable[
 
 
 class Endpoint:
-    """Listens on and connects to URLs; every remote is a Peer; streams arrive in incoming()."""
+    """Listens on and connects to URLs; every remote is a Peer; transfers arrive in incoming().
 
-    def __init__(self, config: EndpointConfig | None = None, **overrides: Any) -> None:
+    Options are EndpointConfig's fields, as keywords (`Endpoint(chunk_size=1 << 20)`) or as a
+    config (`Endpoint(config)`). `clock` is the one time source of every timer (tests pass a
+    ManualClock). An endpoint belongs to the event loop it first runs on.
+    """
+
+    def __init__(
+        self,
+        config: EndpointConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        **options: Unpack[EndpointOptions],
+    ) -> None:
         base = config or EndpointConfig()
-        self.config = base.replace(**overrides) if overrides else base
+        self.config = base.replace(**options) if options else base
+        self.clock = clock or Clock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._incoming: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self._listeners: list[Listener] = []
         self._links: set[Link] = set()
         self._accepted: asyncio.Queue[Peer] = asyncio.Queue()
         self._peers: dict[Link, Peer] = {}
         self._peers_by_identity: dict[tuple[str, str], Peer] = {}
-        self._resumable: dict[str, IncomingTransfer] = {}
-        self._completed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunks
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._registry = IncomingRegistry()
+        self._transfers: dict[int, IncomingTransfer] = {}  # id(state) -> its public object
+        self._settling: dict[StreamKey, int] = {}  # duplicate streams of committed transfers
         self._request_handler: RequestHandler | None = None
         self.codec_pool: ThreadPoolExecutor | None = (
             None
@@ -70,6 +96,7 @@ class Endpoint:
         )
 
     async def __aenter__(self) -> Endpoint:
+        self.check_loop()
         return self
 
     async def __aexit__(
@@ -80,36 +107,79 @@ class Endpoint:
     ) -> None:
         await self.close()
 
+    def check_loop(self) -> None:
+        """Bind to the running loop on first use; using the endpoint from another loop (a script
+        that calls asyncio.run() per call, a second thread) is refused with a clear error instead
+        of hanging until a timeout."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoopError(
+                "tensorwire's async API must be awaited inside a running event loop; "
+                "from synchronous code use transport.sync"
+            ) from None
+        if self._loop is None:
+            self._loop = running
+        elif running is not self._loop:
+            raise WrongEventLoopError(
+                "this Endpoint belongs to another event loop (was asyncio.run() called once per "
+                "call?): create and use the Endpoint inside one loop, or use transport.sync"
+            )
+
     def on_request(self, handler: RequestHandler) -> None:
         """Serve requests from peers with `await handler(peer, header, body) -> (header, body)`."""
         self._request_handler = handler
 
     async def listen(self, url: str) -> str:
         """Accept connections on `url`; returns the bound URL (port 0 becomes the real port)."""
+        self.check_loop()
         listener = await driver_for(url).listen(url, self._accept, tls=self.config.tls)
         self._listeners.append(listener)
         metrics.listening(listener.url)
         return listener.url
 
     async def connect(self, url: str) -> Peer:
-        """Open a connection to the endpoint listening at `url` (reconnected if it drops)."""
+        """Open a connection to the endpoint listening at `url` (reconnected if it drops).
+
+        Fails (ConnectError) when the other side does not answer with its hello within
+        `hello_timeout`: a port that accepts and never speaks is not a peer."""
+        self.check_loop()
         link = await self.open_link(url)
         peer = Peer(self, link, url)
         self._peers[link] = peer
         return peer
 
     async def open_link(self, url: str, *, stripe: bool = False) -> Link:
-        """A new connection to `url` (used by connect(), by a Peer that reconnects, and for the
-        extra connections of a striped transfer, which say so in their hello)."""
+        """A new connection to `url` whose peer said hello (used by connect(), by a Peer that
+        reconnects, and for the extra connections of a striped transfer)."""
         link = self._new_link(is_initiator=True)
+        timeout = self.config.hello_timeout
         try:
-            driver_connection = await driver_for(url).connect(url, link, tls=self.config.tls)
+            await self.clock.within(self._dial(link, url, stripe), timeout)
+        except TimeoutError:
+            link.abort(ConnectError(f"{url} did not say hello within {timeout:g} s"))
+            raise ConnectError(
+                f"{url} accepted the connection but did not answer as a tensorwire endpoint "
+                f"within hello_timeout ({timeout:g} s)"
+            ) from None
         except BaseException:
             self._links.discard(link)
             raise
+        return link
+
+    async def _dial(self, link: Link, url: str, stripe: bool) -> None:
+        driver_connection = await driver_for(url).connect(url, link, tls=self.config.tls)
         hello = {**self._hello(url), **({"stripe": True} if stripe else {})}
         link.attach(driver_connection, hello)
-        return link
+        closed = asyncio.ensure_future(link.closed.wait())
+        greeted = asyncio.ensure_future(link.greeted.wait())
+        try:
+            await asyncio.wait({closed, greeted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            greeted.cancel()
+        if link.error is not None:
+            raise link.error
 
     def _hello(self, url: str) -> dict[str, Any]:
         """What we say in HELLO: our token, only where TLS (or the process) keeps it private."""
@@ -122,22 +192,31 @@ class Endpoint:
 
     async def incoming(self) -> AsyncIterator[IncomingTransfer]:
         """Every transfer any peer opens to this endpoint, in arrival order (a transfer resumed
-        on a new connection is not announced again)."""
+        on a new connection is not announced again). A transfer not taken yet holds no credit:
+        taking them one at a time never blocks the others."""
+        self.check_loop()
         while True:
             yield await self._incoming.get()
 
     async def accepted(self) -> AsyncIterator[Peer]:
         """Every peer that connects to this endpoint's listeners (once, however often it
         reconnects)."""
+        self.check_loop()
         while True:
             yield await self._accepted.get()
 
     async def close(self) -> None:
-        """Stop listening and close every connection."""
+        """Stop listening, fail what is still being received (the senders learn it at once)
+        and close every connection."""
         for listener in self._listeners:
             metrics.listening(listener.url, active=False)
             await listener.close()
         self._listeners.clear()
+        closing = ConnectionClosedError("the receiving endpoint is closing")
+        for state in self._registry.transfers():
+            transfer = self._transfers.get(id(state))
+            if transfer is not None and state.state not in (TransferState.COMMITTED,):
+                transfer._verdict(state.fail(closing, code=transfer_headers.CLOSING))
         for peer in list(self._peers.values()):
             peer._closing = True
         await asyncio.gather(*(link.close() for link in list(self._links)), return_exceptions=True)
@@ -198,9 +277,10 @@ class Endpoint:
             self._pool,
             idle_timeout=config.idle_timeout,
             heartbeat_interval=config.heartbeat_interval,
-            on_open=self._opened,
+            router=self,
             on_request=self._serve_request,
             node_id=config.node_id,
+            clock=self.clock,
         )
         self._links.add(link)
         link.on_closed = self._forget
@@ -210,37 +290,105 @@ class Endpoint:
         self._links.discard(link)
         self._peers.pop(link, None)
 
-    # --- transfers -------------------------------------------------------------------------------
+    # --- the streams peers open (StreamRouter): the transfer layer decides ---------------------
 
-    def _opened(
-        self, link: Link, stream_id: int, header: Mapping[str, Any]
-    ) -> IncomingTransfer | None:
-        """A stream the peer opened: resume a transfer we already have, or announce a new one."""
-        transfer_id = header.get("transfer")
-        known = self._resumable.get(transfer_id) if isinstance(transfer_id, str) else None
-        if known is not None:
-            return known if known.reattach(link, stream_id, header) else None
-        transfer = IncomingTransfer(link, stream_id, header)
-        done_chunks = self._completed.get(transfer.transfer_id or "")
-        if transfer.resumable and done_chunks is not None:
-            task = asyncio.ensure_future(transfer.settle_duplicate(done_chunks))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return transfer
-        if transfer.resumable and transfer.transfer_id is not None:
-            self._resumable[transfer.transfer_id] = transfer
-            transfer.on_done = self._transfer_done
-        self._incoming.put_nowait(transfer)
-        return transfer
+    def stream_opened(self, link: Link, event: sfm.StreamOpened) -> None:
+        key = (link, event.stream_id)
+        link.receiving += 1
+        opened = self._registry.on_open(key, event.header, self.clock.now())
+        if opened.action == NEW:
+            assert opened.transfer is not None
+            transfer = IncomingTransfer(self, opened.transfer, link, event.stream_id)
+            self._transfers[id(opened.transfer)] = transfer
+            self._incoming.put_nowait(transfer)
+        elif opened.action == JOINED:
+            assert opened.transfer is not None
+            self._transfers[id(opened.transfer)]._joined(link, event.stream_id)
+        elif opened.action == DUPLICATE:
+            # The sender lost our verdict on a transfer we committed: all held, verdict again.
+            self._settling[key] = opened.held_chunks
+            held = [[0, opened.held_chunks]] if opened.held_chunks else []
+            link.send_resume(event.stream_id, {"held": held})
+        else:
+            link.reset_stream(event.stream_id, opened.code, opened.reason)
 
-    def _transfer_done(self, transfer: IncomingTransfer, ok: bool) -> None:
-        if transfer.transfer_id is None:
+    def stream_event(
+        self, link: Link, event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed
+    ) -> None:
+        key = (link, event.stream_id)
+        if key in self._settling:
+            self._settle_duplicate(link, key, event)
             return
-        self._resumable.pop(transfer.transfer_id, None)
-        if ok:
-            self._completed[transfer.transfer_id] = transfer.held_count
-            while len(self._completed) > _COMPLETED_REMEMBERED:
-                self._completed.popitem(last=False)
+        state = self._registry.route(key)
+        transfer = self._transfers.get(id(state)) if state is not None else None
+        if transfer is None:
+            if isinstance(event, sfm.DataReceived):
+                _give_back(link, event)  # a stream we refused or finished: drop its data
+            return
+        if isinstance(event, sfm.DataReceived):
+            transfer._on_data(link, event)
+        elif isinstance(event, sfm.StreamEnded):
+            transfer._on_end(link, event)
+        else:
+            transfer._on_stream_failed(link, event)
+
+    def _settle_duplicate(
+        self,
+        link: Link,
+        key: StreamKey,
+        event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed,
+    ) -> None:
+        if isinstance(event, sfm.DataReceived):
+            _give_back(link, event)
+            return
+        del self._settling[key]
+        link.receiving -= 1
+        if isinstance(event, sfm.StreamEnded):
+            link.complete_stream(event.stream_id)
+
+    def stream_reset(self, link: Link, event: sfm.StreamReset) -> None:
+        key = (link, event.stream_id)
+        if self._settling.pop(key, None) is not None:
+            return
+        state = self._registry.route(key)
+        transfer = self._transfers.get(id(state)) if state is not None else None
+        if transfer is not None:
+            transfer._on_reset(link, event)
+
+    def link_failed(self, link: Link, error: TensorwireError) -> None:
+        """Transfers with a stream on the link lose it: they wait for the sender's next attempt,
+        unless the peer said goodbye (it closed its endpoint: nothing will come back)."""
+        for key in [key for key in self._settling if key[0] is link]:
+            del self._settling[key]
+        gone = link.said_goodbye
+        for state in self._registry.connection_lost(link, self.clock.now()):
+            transfer = self._transfers.get(id(state))
+            if transfer is None:
+                continue
+            if gone and state.state not in (TransferState.COMMITTED, TransferState.VERIFYING):
+                peer = link.remote_node or "the peer"
+                state.fail(ConnectionClosedError(f"{peer} closed its endpoint: {error}"))
+            transfer._wake()
+
+    # --- the transfer hub (what an IncomingTransfer asks of us) --------------------------------
+
+    def settle(self, transfer: IncomingTransfer) -> None:
+        """Forget a transfer that ended (its routes, its object); remember a committed one."""
+        state = transfer._state
+        if (
+            state.state
+            in (
+                TransferState.COMMITTED,
+                TransferState.REJECTED,
+                TransferState.FAILED,
+                TransferState.CANCELLED,
+            )
+            and self._transfers.pop(id(state), None) is not None
+        ):
+            for link, _ in state.streams:
+                if isinstance(link, Link):
+                    link.receiving = max(0, link.receiving - 1)
+            self._registry.finished(state)
 
     async def _serve_request(
         self, link: Link, header: Mapping[str, Any], body: bytes

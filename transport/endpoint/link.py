@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from transport import sfm
 from transport.drivers import DriverConnection, PeerInfo
+from transport.endpoint.clock import Clock
 from transport.endpoint.pool import BufferPool
-from transport.endpoint.sending import parse_index_ranges
 from transport.exceptions import (
     ConfigError,
     ConnectionClosedError,
@@ -37,17 +37,26 @@ from transport.exceptions import (
 from transport.metrics import LinkMetrics
 from transport.wire import Buffer
 
-if TYPE_CHECKING:
-    from transport.endpoint.receiving import IncomingTransfer
-
 log = logging.getLogger("tensorwire.link")
 
 RequestHandler = Callable[
     ["Link", Mapping[str, Any], bytes], Awaitable[tuple[Mapping[str, Any], Buffer]]
 ]
-# Decides what a stream the peer opened is: a new transfer, or one resumed on this link (or None
-# when it was refused).
-OpenHandler = Callable[["Link", int, Mapping[str, Any]], "IncomingTransfer | None"]
+
+
+class StreamRouter(Protocol):
+    """Who the link hands the streams the peer opened to (the endpoint's transfer registry)."""
+
+    def stream_opened(self, link: Link, event: sfm.StreamOpened) -> None: ...
+
+    def stream_event(
+        self, link: Link, event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed
+    ) -> None: ...
+
+    def stream_reset(self, link: Link, event: sfm.StreamReset) -> None: ...
+
+    def link_failed(self, link: Link, error: TensorwireError) -> None: ...
+
 
 # How long a close waits for the GOAWAY to go out and the driver to close gracefully; a peer
 # that does not take them in this time is dropped.
@@ -72,8 +81,7 @@ class _SendSlot:
         self.credit = asyncio.Event()
         self.completed = asyncio.Event()
         self.resumed = asyncio.Event()
-        self.held: set[int] = set()
-        self.chunk_limit = 0
+        self.resume_points: list[Any] = []  # raw "held" values of RESUMEs: the transfer parses
         self.error: TensorwireError | None = None
 
     def fail(self, error: TensorwireError) -> None:
@@ -95,9 +103,10 @@ class Link:
         *,
         idle_timeout: float,
         heartbeat_interval: float,
-        on_open: OpenHandler,
+        router: StreamRouter,
         on_request: RequestHandler | None,
         node_id: str,
+        clock: Clock,
     ) -> None:
         self._protocol = sfm.Connection(config, allocate=pool.allocate)
         self._own_stream_window = config.stream_window
@@ -105,7 +114,8 @@ class Link:
         self.idle_timeout = idle_timeout
         # Pings must come well within idle_timeout, or a healthy idle link could look silent.
         self._heartbeat_interval = min(heartbeat_interval, idle_timeout / 3)
-        self._on_open = on_open
+        self._router = router
+        self.clock = clock
         self._on_request = on_request
         self._node_id = node_id
         self._driver: DriverConnection | None = None
@@ -113,12 +123,14 @@ class Link:
         self._flush_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sending: dict[int, _SendSlot] = {}
-        self._receiving: dict[int, IncomingTransfer] = {}
+        self.receiving = 0  # streams the peer sends us here (for metrics)
         self._responses: dict[int, asyncio.Future[tuple[Mapping[str, Any], bytes]]] = {}
         self._loop = asyncio.get_running_loop()
-        self.last_progress = self.last_received = self._loop.time()
+        self.last_progress = self.last_received = clock.now()
         self.error: TensorwireError | None = None
         self.closed = asyncio.Event()
+        self.greeted = asyncio.Event()  # the peer's HELLO arrived
+        self.said_goodbye = False  # the peer closed cleanly (a normal GOAWAY)
         self.remote_node: str | None = None
         self.remote_hello: Mapping[str, Any] = {}
         self._discard = memoryview(bytearray(64 * 1024))
@@ -142,8 +154,8 @@ class Link:
         that connects and stalls must not hold a slot for long).
         """
         self._driver = driver
-        self.metrics.opened(driver.peer.scheme, lambda: (len(self._sending), len(self._receiving)))
-        self._protocol.send_hello({**(hello or {}), "protocol": 1, "node": self._node_id})
+        self.metrics.opened(driver.peer.scheme, lambda: (len(self._sending), self.receiving))
+        self._protocol.send_hello({**(hello or {}), "node": self._node_id})
         self._schedule_flush()
         if self._heartbeat_interval > 0:
             self._spawn(self._heartbeat())
@@ -151,7 +163,7 @@ class Link:
             self._spawn(self._require_hello(hello_timeout))
 
     async def _require_hello(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        await self.clock.wait(self.greeted, seconds)
         if self.remote_node is None and self.error is None:
             self.refuse("hello_timeout", f"no HELLO within {seconds:g} s")
 
@@ -192,15 +204,24 @@ class Link:
         if was_open and not self._protocol.closed:
             self._protocol.close("normal", "closing")
         self._fail(ConnectionClosedError("connection closed locally"))
-        deadline = self._loop.time() + min(self.idle_timeout, CLOSE_GRACE_S)
+        clock = self.clock
+        deadline = clock.now() + min(self.idle_timeout, CLOSE_GRACE_S)
         if was_open:
             with contextlib.suppress(TensorwireError, TimeoutError):
-                await asyncio.wait_for(self.flush(force=True), deadline - self._loop.time())
+                await clock.within(self.flush(force=True), deadline - clock.now())
         if self._driver is not None:
             try:
-                await asyncio.wait_for(self._driver.close(), max(0.0, deadline - self._loop.time()))
+                await clock.within(self._driver.close(), max(0.0, deadline - clock.now()))
             except TimeoutError:
                 self._driver.abort()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def abort(self, error: TensorwireError) -> None:
+        """Drop the connection at once, without a goodbye."""
+        self._fail(error)
+        if self._driver is not None:
+            self._driver.abort()
         for task in list(self._tasks):
             task.cancel()
 
@@ -212,8 +233,7 @@ class Link:
         self.metrics.closed(error)
         for slot in self._sending.values():
             slot.fail(error)
-        for transfer in list(self._receiving.values()):
-            transfer.on_failed(self, error)
+        self._router.link_failed(self, error)
         for future in self._responses.values():
             if not future.done():
                 future.set_exception(error)
@@ -242,7 +262,7 @@ class Link:
             return
         self.bytes_in += nbytes
         self.metrics.received(nbytes)
-        self.last_received = self._loop.time()
+        self.last_received = self.clock.now()
         try:
             self._protocol.buffer_updated(nbytes)
         except ProtocolError as error:
@@ -278,8 +298,8 @@ class Link:
         self._spawn(self._flush_then_abort())
 
     async def _flush_then_abort(self) -> None:
-        with contextlib.suppress(TensorwireError):
-            await asyncio.wait_for(self.flush(force=True), 1.0)
+        with contextlib.suppress(TensorwireError, TimeoutError):
+            await self.clock.within(self.flush(force=True), 1.0)
         if self._driver is not None:
             self._driver.abort()
 
@@ -292,7 +312,7 @@ class Link:
     def _dispatch(self) -> None:
         for event in self._protocol.events_received():
             if isinstance(event, _PROGRESS_EVENTS):
-                self.last_progress = self._loop.time()
+                self.last_progress = self.clock.now()
             if self.error is not None and isinstance(event, _NEW_WORK_EVENTS):
                 continue  # a refused or failed peer opens nothing, asks nothing
             self._route(event)
@@ -302,9 +322,7 @@ class Link:
         if isinstance(event, sfm.DataReceived):
             self.metrics.chunk_received(memoryview(event.payload).nbytes)
         if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
-            transfer = self._receiving.get(event.stream_id)
-            if transfer is not None:
-                transfer.on_event(self, event)
+            self._router.stream_event(self, event)
         elif isinstance(event, sfm.CreditGranted):
             self._wake_senders(event.stream_id)
         elif isinstance(event, sfm.StreamCompleted):
@@ -323,11 +341,13 @@ class Link:
             self.remote_hello = event.header
             self.remote_node = str(event.header.get("node", "")) or None
             self.metrics.named(self.remote_node)
+            self.greeted.set()
             if self.on_hello is not None:
                 self.on_hello(self)
         elif isinstance(event, sfm.GoAwayReceived) and event.code != "normal":
             self._fail(RemoteError(f"peer closed the connection: {event.reason}", code=event.code))
         elif isinstance(event, sfm.GoAwayReceived):
+            self.said_goodbye = True
             self.metrics.closing()  # a normal goodbye: the close that follows is no error
 
     def _wake_senders(self, stream_id: int) -> None:
@@ -343,23 +363,15 @@ class Link:
 
     def _resumed(self, event: sfm.ResumeReceived) -> None:
         slot = self._sending.get(event.stream_id)
-        if slot is None:
-            return
-        try:
-            slot.held |= parse_index_ranges(event.header.get("held"), slot.chunk_limit)
-        except ProtocolError as error:
-            self.refuse(type(error).__name__, str(error))
-            return
-        slot.resumed.set()
+        if slot is not None:
+            slot.resume_points.append(event.header.get("held"))
+            slot.resumed.set()
 
     def _open_incoming(self, event: sfm.StreamOpened) -> None:
         try:
-            transfer = self._on_open(self, event.stream_id, event.header)
+            self._router.stream_opened(self, event)
         except ProtocolError as error:  # e.g. a manifest announcing absurd sizes
             self.refuse(type(error).__name__, str(error))
-            return
-        if transfer is not None:
-            self._receiving[event.stream_id] = transfer
 
     def _stream_reset(self, event: sfm.StreamReset) -> None:
         error = StreamResetError(
@@ -368,9 +380,8 @@ class Link:
         slot = self._sending.get(event.stream_id)
         if slot is not None:
             slot.fail(error)
-        transfer = self._receiving.get(event.stream_id)
-        if transfer is not None:
-            transfer.on_event(self, event)  # the transfer knows which of its streams it was
+        else:
+            self._router.stream_reset(self, event)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -414,24 +425,24 @@ class Link:
     async def wait_progress(self, event: asyncio.Event, what: str) -> None:
         """Wait for `event`; fail only if nothing moved on the link for idle_timeout (counted
         from the start of this wait at the earliest: an idle spell before it does not count)."""
-        started = self._loop.time()
+        clock = self.clock
+        started = clock.now()
         while not event.is_set():
             moved = max(started, self.last_progress)
-            remaining = moved + self.idle_timeout - self._loop.time()
+            remaining = moved + self.idle_timeout - clock.now()
             if remaining <= 0:
                 raise IdleTimeoutError(
                     f"nothing moved for {self.idle_timeout:g} s while waiting for {what} "
                     f"(peer {self._peer_name()})"
                 )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+            await clock.wait(event, remaining)
 
     async def _heartbeat(self) -> None:
         """Ping so middleboxes see traffic; drop a peer that sent nothing (not even a PONG) for
         idle_timeout: it is gone, whatever the socket says."""
         while self.error is None:
-            await asyncio.sleep(self._heartbeat_interval)
-            silent = self._loop.time() - self.last_received
+            await self.clock.sleep(self._heartbeat_interval)
+            silent = self.clock.now() - self.last_received
             if silent > self.idle_timeout and self.error is None:
                 self._fail(IdleTimeoutError(f"peer {self._peer_name()} silent for {silent:.0f} s"))
                 if self._driver is not None:
@@ -442,28 +453,31 @@ class Link:
 
     # --- streams out ---------------------------------------------------------------------------
 
-    def open_stream(self, header: Mapping[str, Any], chunks: int = 0) -> int:
-        """Open a stream we send; `chunks` bounds the indices a RESUME may name for it."""
+    def open_stream(self, header: Mapping[str, Any]) -> int:
+        """Open a stream we send."""
         self._raise_if_failed()
         stream_id = self._protocol.open_stream(header)
         self._sending[stream_id] = _SendSlot()
-        self._sending[stream_id].chunk_limit = chunks
         # The OPEN goes out now: a resumed attempt sends no DATA until the receiver's RESUME
         # answers it, so waiting for the first chunk to carry it out would wait for the next
         # heartbeat (idle_timeout / 3) on a connection that is otherwise quiet.
         self._schedule_flush()
         return stream_id
 
-    async def resume_point(self, stream_id: int, *, wait: bool) -> set[int]:
-        """The chunks the receiver holds (it says so in RESUME). With `wait`, wait for its RESUME
-        first (a reopened transfer); without, the set fills in if one arrives while sending."""
+    async def wait_resume_point(self, stream_id: int) -> None:
+        """Wait for the receiver's RESUME on a reopened stream (what it holds)."""
         slot = self._sending[stream_id]
-        if wait:
-            what = f"the receiver's resume point on stream {stream_id}"
-            await self.wait_progress(slot.resumed, what)
-            if slot.error is not None:
-                raise slot.error
-        return slot.held
+        await self.wait_progress(slot.resumed, f"the receiver's resume point on stream {stream_id}")
+        if slot.error is not None:
+            raise slot.error
+
+    def take_resume_points(self, stream_id: int) -> list[Any]:
+        """The raw "held" values of RESUMEs that arrived on a stream since the last call."""
+        slot = self._sending.get(stream_id)
+        if slot is None or not slot.resume_points:
+            return []
+        points, slot.resume_points = slot.resume_points, []
+        return points
 
     async def send_chunk(
         self,
@@ -487,26 +501,29 @@ class Link:
             if self._protocol.send_window(stream_id) >= nbytes:
                 break
             slot.credit.clear()
-            stalled_at = self._loop.time()
+            stalled_at = self.clock.now()
             try:
                 await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
             finally:
-                self.metrics.stalled(self._loop.time() - stalled_at)
+                self.metrics.stalled(self.clock.now() - stalled_at)
         checksum = self._protocol.send_data(stream_id, index, parts, header, flags)
         self.metrics.chunk_sent(nbytes)
-        self.last_progress = self._loop.time()
+        self.last_progress = self.clock.now()
         await self.flush()
         return checksum
 
     async def end_stream(self, stream_id: int, header: Mapping[str, Any] | None = None) -> None:
-        """End a stream and wait until the peer confirms it verified the whole stream's digest."""
+        """End a stream and wait for the receiver's verdict: its final ACK (it committed the
+        transfer), or a reset with its reason."""
         slot = self._sending[stream_id]
         if slot.error is not None:
             raise slot.error
         self._protocol.end_stream(stream_id, header)
         await self.flush()
         try:
-            await self.wait_progress(slot.completed, f"the peer to verify stream {stream_id}")
+            await self.wait_progress(
+                slot.completed, f"the receiver's verdict on stream {stream_id}"
+            )
         finally:
             self._sending.pop(stream_id, None)
         if slot.error is not None:
@@ -515,7 +532,6 @@ class Link:
     def reset_stream(self, stream_id: int, code: str, reason: str) -> None:
         """Abandon a stream in either direction and tell the peer why."""
         self._sending.pop(stream_id, None)
-        self._receiving.pop(stream_id, None)
         if self.error is None:
             with contextlib.suppress(TensorwireError):
                 self._protocol.reset_stream(stream_id, code, reason)
@@ -525,19 +541,28 @@ class Link:
 
     def consumed(self, stream_id: int, nbytes: int) -> None:
         """The application took `nbytes` of a stream: return that credit to the peer."""
-        if self.error is None and stream_id in self._receiving:
+        if self.error is None:
             self._protocol.consumed(stream_id, nbytes)
             self._schedule_flush()
 
     def send_resume(self, stream_id: int, header: Mapping[str, Any]) -> None:
         """Tell the sender of a stream which chunks we already hold."""
+        self._quietly(lambda: self._protocol.send_resume(stream_id, header))
+
+    def grant_stream(self, stream_id: int) -> None:
+        """The application took the stream's transfer: give it its whole window."""
+        self._quietly(lambda: self._protocol.grant_stream(stream_id))
+
+    def complete_stream(self, stream_id: int) -> None:
+        """The verdict: the transfer this stream carried was committed (the final ACK)."""
+        self._quietly(lambda: self._protocol.complete_stream(stream_id))
+
+    def _quietly(self, verb: Callable[[], None]) -> None:
+        """A verb on a stream the connection may have lost meanwhile: nothing to do then."""
         if self.error is None:
             with contextlib.suppress(TensorwireError):
-                self._protocol.send_resume(stream_id, header)
+                verb()
             self._schedule_flush()
-
-    def finished_incoming(self, stream_id: int) -> None:
-        self._receiving.pop(stream_id, None)
 
     # --- requests ------------------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ from transport import metrics
 from transport.drivers import PeerInfo
 from transport.endpoint.link import Link
 from transport.endpoint.sending import (
+    ProgressCallback,
     TransferResult,
     each_block,
     file_blocks,
     send_blocks,
     send_source,
 )
-from transport.exceptions import ConnectionClosedError, TransportError
+from transport.exceptions import ConnectionClosedError, TensorwireError, TransportError
 from transport.logs import TransferRecord
 from transport.payload import Source, StateDictSource, plan_chunks
 from transport.wire import Buffer
@@ -48,6 +49,8 @@ class Peer:
         self._closing = False
         self._stripes: list[Link] = []  # extra connections a striped transfer uses
         self.reconnects = 0
+        self.clock = endpoint.clock
+        self.idle_timeout = endpoint.config.idle_timeout
 
     @property
     def info(self) -> PeerInfo | None:
@@ -72,6 +75,7 @@ class Peer:
         meta: Mapping[str, Any] | None = None,
         transfer_id: str | None = None,
         streams: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> TransferResult:
         """Stream a state dict (or any Source); return once the peer verified all of it.
 
@@ -79,7 +83,13 @@ class Peer:
         across processes (e.g. "round-7/site-3") to let a receiver restarted with a file sink
         continue where its predecessor stopped. `streams` > 1 stripes the chunks over that many
         parallel connections (a peer we dialed only), so their windows add up on a long fat pipe.
+        `progress(bytes_done, total_bytes)` is called as chunks go out.
+
+        Returns only once the receiving application committed the transfer (its sink finished);
+        raises TransferRejectedError with the receiver's reason when it rejected it or its sink
+        failed. Cancelling the call cancels the transfer: the receiver learns it at once.
         """
+        self._endpoint.check_loop()
         chunk_size = self._endpoint.config.chunk_size
         source = (
             state_dict
@@ -92,7 +102,7 @@ class Peer:
         nbytes, chunks = source.manifest.total_bytes, len(plan_chunks(source.manifest))
         with TransferRecord("sent", transfer_id, nbytes, chunks, self.node_id) as record:
             record.begin()
-            result = await send_source(self, source, meta, transfer_id, codec, stripes)
+            result = await send_source(self, source, meta, transfer_id, codec, stripes, progress)
             record.transfer_id, record.resumes = result.transfer_id, result.resumes
             record.digest = result.digest
             metrics.resumed("sent", result.resumes)
@@ -103,6 +113,7 @@ class Peer:
         self, path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None
     ) -> TransferResult:
         """Stream a plain file's bytes (checkpoints, datasets, logs) with the same guarantees."""
+        self._endpoint.check_loop()
         file_path = Path(path)
         size = (await asyncio.to_thread(file_path.stat)).st_size
         info = {"name": file_path.name, **(meta or {})}
@@ -121,6 +132,7 @@ class Peer:
         The driver may still read a block after the next one was asked for, so an iterable must
         not refill a block it already yielded (yield fresh buffers, or a ring larger than the
         window as `send_file` does)."""
+        self._endpoint.check_loop()
         limit = self._endpoint.config.chunk_size
         return await send_blocks(await self.live_link(), _bounded(blocks, limit), meta)
 
@@ -130,6 +142,7 @@ class Peer:
         """A small request/response exchange beside the streams (RemoteRequestError on failure).
 
         Not retried after a dropped connection: a request may not be safe to repeat."""
+        self._endpoint.check_loop()
         return await (await self.live_link()).request(header, body)
 
     async def close(self) -> None:
@@ -157,8 +170,12 @@ class Peer:
                 return self._link
             if self._closing:
                 raise ConnectionClosedError("the peer was closed locally") from error
+            if failed.said_goodbye and self._url is None:
+                raise ConnectionClosedError(
+                    f"peer {self.node_id} closed its endpoint ({error})"
+                ) from error
             if self._url is not None:
-                await self._reconnect(error)
+                await self._reconnect(error, once=failed.said_goodbye)
             else:
                 await self._await_return(failed, error)
             self.reconnects += 1
@@ -179,7 +196,7 @@ class Peer:
                 break  # stripe over what we have; the next attempt tries again
         return [primary, *self._stripes[: count - 1]]
 
-    async def recover_stripes(self, links: list[Link], error: BaseException) -> None:
+    async def recover_stripes(self, links: list[Link], error: TensorwireError) -> None:
         """After a failed attempt: bring the main connection back if it was lost (failed extra
         ones are simply reopened by the next stripe_links)."""
         if links[0].error is not None:
@@ -192,10 +209,11 @@ class Peer:
         self._link = link
         self._relinked.set()
 
-    async def _reconnect(self, error: BaseException) -> None:
-        config = self._endpoint.config
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + config.idle_timeout
+    async def _reconnect(self, error: BaseException, *, once: bool = False) -> None:
+        """Dial again with backoff until idle_timeout; a peer that closed its endpoint cleanly
+        gets one try (it may have restarted), not a whole idle_timeout of them."""
+        config, clock = self._endpoint.config, self.clock
+        deadline = clock.now() + config.idle_timeout
         delay = config.reconnect_initial_delay
         assert self._url is not None
         while True:
@@ -203,25 +221,23 @@ class Peer:
                 self._link = await self._endpoint.open_link(self._url)
                 return
             except TransportError as attempt_error:
-                if loop.time() + delay > deadline:
+                if once or clock.now() + delay > deadline:
+                    why = "it closed its endpoint" if once else f"within {config.idle_timeout:g} s"
                     raise ConnectionClosedError(
-                        f"could not reconnect to {self._url} within {config.idle_timeout:g} s "
-                        f"after {error}: {attempt_error}"
+                        f"could not reconnect to {self._url} ({why}) after {error}: {attempt_error}"
                     ) from attempt_error
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            await clock.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, config.reconnect_max_delay)
 
     async def _await_return(self, failed: Link, error: BaseException) -> None:
-        timeout = self._endpoint.config.idle_timeout
-        self._relinked.clear()
-        try:
-            while self._link is failed or self._link.error is not None:
-                await asyncio.wait_for(self._relinked.wait(), timeout)
-                self._relinked.clear()
-        except TimeoutError:
-            raise ConnectionClosedError(
-                f"peer {self.node_id} did not reconnect within {timeout:g} s after {error}"
-            ) from error
+        timeout, clock = self._endpoint.config.idle_timeout, self.clock
+        deadline = clock.now() + timeout
+        while self._link is failed or self._link.error is not None:
+            self._relinked.clear()
+            if not await clock.wait(self._relinked, deadline - clock.now()):
+                raise ConnectionClosedError(
+                    f"peer {self.node_id} did not reconnect within {timeout:g} s after {error}"
+                ) from error
 
 
 async def _bounded(

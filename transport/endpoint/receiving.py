@@ -14,206 +14,205 @@ duplicate; END is checked against a digest over every chunk of the transfer, so 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from transport import metrics, sfm
 from transport.codecs import ChunkDecompressor
 from transport.endpoint.compression import blob_checksum, decompress
 from transport.endpoint.config import CHUNK_HEADER_ROOM
-from transport.endpoint.sending import (
-    BYTES,
-    MAX_STRIPES,
-    STATE_DICT,
-    describe,
-    index_ranges,
-    transfer_digest,
-)
+from transport.endpoint.link import Link
+from transport.endpoint.sending import describe
 from transport.exceptions import (
     ChunkError,
-    DigestMismatchError,
-    IdleTimeoutError,
-    IntegrityError,
-    ManifestError,
+    LocalError,
     PayloadError,
     ProtocolError,
-    StreamResetError,
     StreamStateError,
     TensorwireError,
-    TransportError,
 )
 from transport.logs import TransferRecord
 from transport.payload import Chunk, Manifest, Sink, decode_chunk, plan_chunks
+from transport.transfer import Data, IncomingState, StreamKey, TransferState
+from transport.transfer.headers import BYTES, STATE_DICT
 from transport.wire import FrameFlags
 
-if TYPE_CHECKING:
-    from transport.endpoint.link import Link
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
-_Item = sfm.Event | TensorwireError
+
+class Committing(Protocol[T_co]):
+    """A Sink whose commit() returns T: `receive_into` returns what the sink makes."""
+
+    def commit(self) -> T_co: ...
 
 
 class IncomingTransfer:
-    """A stream the peer opened to us. Take it with `receive_into(sink)` (state dicts) or by
-    iterating it / `receive_to_file(path)` (byte streams), or refuse it with `reject()`."""
+    """A transfer the peer opened to us. Take it with `receive_into(sink)` (state dicts) or by
+    iterating it / `receive_to_file(path)` (byte streams), or refuse it with `reject()`.
 
-    def __init__(self, link: Link, stream_id: int, header: Mapping[str, Any]) -> None:
-        self._link = link
-        self.stream_id = stream_id
-        self.kind = str(header.get("kind", ""))
-        meta = header.get("meta", {})
-        self.meta: Mapping[str, Any] = meta if isinstance(meta, Mapping) else {}
-        size = header.get("size")
-        self.size: int | None = size if isinstance(size, int) else None
-        transfer = header.get("transfer")
-        self.transfer_id: str | None = transfer if isinstance(transfer, str) and transfer else None
-        attempt = header.get("attempt", 0)
-        self.attempt = attempt if isinstance(attempt, int) else 0
-        self.manifest: Manifest | None = None
-        self._manifest_header = header.get("manifest")
-        self._check_header(header)
-        # The streams of the current attempt (one per stripe) and those that ended.
-        self.stripes = _stripes(header)
-        self._sources: set[tuple[Link, int]] = {(link, stream_id)}
-        self._ended: set[tuple[Link, int]] = set()
-        self._lost: tuple[int, float, TensorwireError] | None = None  # attempt, when, why
-        self._events: deque[tuple[Link, _Item]] = deque()
+    Until it is taken it holds no credit, so it never blocks other transfers on the connection;
+    the sender's send returns only once this side committed (or raises this side's reason)."""
+
+    def __init__(self, hub: _Hub, state: IncomingState, link: Link, stream_id: int) -> None:
+        self._hub = hub
+        self._state = state
+        self._link = link  # the link of the latest stream of the current attempt
+        opened = state.opened
+        self.kind: str = opened.kind
+        self.meta: Mapping[str, Any] = opened.meta
+        self.size: int | None = opened.size
+        self.transfer_id: str | None = opened.transfer_id
+        self.manifest: Manifest | None = (
+            Manifest.from_header(opened.manifest) if opened.kind == STATE_DICT else None
+        )
+        self._plan: list[Chunk] = plan_chunks(self.manifest) if self.manifest else []
+        self._queue: deque[tuple[Link, sfm.DataReceived]] = deque()
         self._arrived = asyncio.Event()
-        self._received: dict[int, int] = {}  # chunk index -> checksum, written or queued
-        self._end_header: Mapping[str, Any] = {}
         self._taken = False
-        self.on_done: Callable[[IncomingTransfer, bool], None] | None = None
-
-    def _check_header(self, header: Mapping[str, Any]) -> None:
-        """Validate what the peer announced before anything is allocated; a ManifestError here
-        is the peer's protocol breach (the link disconnects it)."""
-        if self.kind == STATE_DICT:
-            self.manifest = Manifest.from_header(header.get("manifest"))
-        elif self.kind != BYTES:
-            raise ManifestError(f"unknown stream kind {self.kind!r}")
+        self._problem: tuple[Link, ProtocolError] | None = None
 
     @property
     def peer_node(self) -> str | None:
+        """The node id of the peer that sends this transfer."""
         return self._link.remote_node
 
     @property
-    def resumable(self) -> bool:
-        return self.transfer_id is not None and self.kind == STATE_DICT
+    def attempt(self) -> int:
+        """How many times the sender resumed it (0: never interrupted)."""
+        return self._state.attempt
 
-    # --- called by the link and the endpoint ---
-
-    def on_event(self, link: Link, event: sfm.Event) -> None:
-        if isinstance(event, sfm.DataReceived) and event.index in self._received:
-            _give_back(link, event)  # a re-sent chunk we already hold: drop it
-            return
-        if isinstance(event, sfm.DataReceived):
-            try:
-                self._received[event.index] = blob_checksum(event)
-            except ChunkError as error:
-                self._link.refuse(type(error).__name__, str(error))
-                return
-        self._events.append((link, event))
-        self._arrived.set()
-
-    def on_failed(self, link: Link, error: TensorwireError) -> None:
-        self._events.append((link, error))
-        self._arrived.set()
-
-    def reattach(self, link: Link, stream_id: int, header: Mapping[str, Any]) -> bool:
-        """Another stream of this transfer: one more stripe of the current attempt, or the first
-        of a new attempt after a lost connection. False if it does not match."""
-        if header.get("manifest") != self._manifest_header or header.get("kind") != self.kind:
-            link.reset_stream(stream_id, "bad_manifest", "resumed with a different manifest")
-            return False
-        attempt = header.get("attempt", 0)
-        attempt = attempt if isinstance(attempt, int) else -1
-        if attempt < self.attempt:
-            link.reset_stream(stream_id, "superseded", f"attempt {attempt} < {self.attempt}")
-            return False
-        if attempt > self.attempt:
-            metrics.resumed("received")
-            self.attempt, self.stripes = attempt, _stripes(header)
-            self._sources, self._ended = set(), set()
-        self._sources.add((link, stream_id))
-        self._link, self.stream_id = link, stream_id
-        self._send_resume(link, stream_id)
-        self._arrived.set()
-        return True
-
-    def _send_resume(self, link: Link | None = None, stream_id: int | None = None) -> None:
-        target, sid = (link, stream_id) if link and stream_id else (self._link, self.stream_id)
-        target.send_resume(sid, {"held": index_ranges(self._received)})
-
-    # --- application side ---
+    # --- the application's side ------------------------------------------------------------
 
     def reject(self, reason: str = "rejected by the receiver") -> None:
-        """Refuse the transfer; the sender sees a StreamResetError with `reason`."""
+        """Refuse the transfer; the sender's send raises TransferRejectedError with `reason`."""
         self._take()
-        self._link.reset_stream(self.stream_id, "rejected", reason)
-        self._finish(ok=False)
+        self._verdict(self._state.reject(reason))
 
-    async def receive_into(self, sink: Sink) -> Any:
-        """Place every chunk with `sink`; return `sink.commit()` once the transfer checked out."""
+    async def receive_into(self, sink: Committing[T]) -> T:
+        """Place every chunk with `sink`; return `sink.commit()` once the whole transfer checked
+        out. The sender's send returns only after that commit (or raises why it failed)."""
         manifest = self._require_state_dict()
+        if not isinstance(sink, Sink):
+            raise PayloadError(f"receive_into needs a transport Sink, got {type(sink).__name__}")
         self._take()
-        chunks = plan_chunks(manifest)
+        chunks = self._plan
         record = TransferRecord(
             "received", self.transfer_id, manifest.total_bytes, len(chunks), self.peer_node
         )
         record.begin()
         try:
-            self._resume_from(sink, manifest)
+            self._start(sink.resume(self.transfer_id, manifest) if self.transfer_id else {})
             sink.open(manifest)
             await self._write_all(sink, manifest, chunks)
-            digest = self._verify_whole(len(chunks))
+            digest = self._state.verify(len(chunks))
+            result: T = sink.commit()
         except BaseException as error:
             sink.abort(error)
-            if isinstance(error, ProtocolError):  # e.g. a chunk that does not match the plan
-                self._link.refuse(type(error).__name__, str(error))
-            else:
-                self._link.reset_stream(self.stream_id, "receiver_failed", describe(error))
-            self._finish(ok=False)
+            self._failed(error)
             record.end(error)
             raise
-        result = sink.commit()
-        self._finish(ok=True)
-        record.resumes, record.digest = self.attempt, digest
+        self._committed()
+        record.resumes, record.digest = self._state.attempt, digest
         record.end()
         return result
 
-    async def settle_duplicate(self, chunks: int) -> None:
-        """The sender reopened a transfer that already completed here (it lost our final ACK):
-        say we hold every chunk and take its END, without announcing the transfer again."""
-        self._take()
-        self._link.send_resume(self.stream_id, {"held": [[0, chunks]] if chunks else []})
-        with contextlib.suppress(TensorwireError):
-            async for link, event in self._data_events():
-                _give_back(link, event)
-        self._link.finished_incoming(self.stream_id)
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        """Blocks of a byte stream, in order; each view is valid until the next one is asked for.
+        The sender's send returns once the last block was taken (leaving the loop early fails
+        the transfer)."""
+        self._take_bytes()
+        try:
+            async for block in self._blocks():
+                yield block
+        except BaseException as error:
+            self._failed(error)
+            raise
+        self._committed()
 
-    @property
-    def held_count(self) -> int:
-        """How many chunks this side holds."""
-        return len(self._received)
+    async def receive_to_file(self, path: str | os.PathLike[str]) -> Path:
+        """Write a byte stream to `path` (through `path.partial`, renamed once complete); the
+        sender's send returns once the file is in place."""
+        self._take_bytes()
+        target = Path(path)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            handle = await asyncio.to_thread(open, partial, "wb")
+            with handle:
+                async for block in self._blocks():
+                    await asyncio.to_thread(handle.write, block)
+                await asyncio.to_thread(os.fsync, handle.fileno())
+            partial.replace(target)
+        except BaseException as error:
+            partial.unlink(missing_ok=True)
+            self._failed(error)
+            raise
+        self._committed()
+        return target
 
-    def _resume_from(self, sink: Sink, manifest: Manifest) -> None:
-        """Merge what a persisting sink kept from an earlier process; tell the sender if needed."""
-        held = (
-            sink.resume(self.transfer_id, manifest) if self.resumable and self.transfer_id else {}
-        )
-        self._received.update(held)
-        if self.resumable and (self.attempt > 0 or held):
-            self._send_resume()
+    # --- fed by the endpoint (the transfer layer decided what each event means) -------------
+
+    def _joined(self, link: Link, stream_id: int) -> None:
+        """Another stream of this transfer (a stripe, or a new attempt) opened on `link`."""
+        self._link = link
+        if self._state.resumable and (self._state.attempt > 0 or self._state.received):
+            link.send_resume(stream_id, self._state.resume_point())
+        if self._state.holds_credit:
+            link.grant_stream(stream_id)
+        self._wake()
+
+    def _on_data(self, link: Link, event: sfm.DataReceived) -> None:
+        try:
+            if self.manifest is not None and not 0 <= event.index < len(self._plan):
+                raise ChunkError(f"chunk index {event.index} beyond the plan's {len(self._plan)}")
+            checksum = blob_checksum(event)
+        except ProtocolError as error:
+            _give_back(link, event)
+            self._problem = (link, error)  # the link it arrived on is refused
+            link.refuse(type(error).__name__, str(error))
+            self._wake()
+            return
+        if self._state.on_data((link, event.stream_id), event.index, checksum) is Data.DUPLICATE:
+            _give_back(link, event)  # a re-sent chunk we already hold
+            return
+        self._queue.append((link, event))
+        self._wake()
+
+    def _on_end(self, link: Link, event: sfm.StreamEnded) -> None:
+        self._state.on_end((link, event.stream_id), event.header)
+        self._wake()
+
+    def _on_stream_failed(self, link: Link, event: sfm.StreamFailed) -> None:
+        self._verdict(self._state.fail(event.error))
+
+    def _on_reset(self, link: Link, event: sfm.StreamReset) -> None:
+        self._state.on_reset((link, event.stream_id), event.code, event.reason, link.clock.now())
+        self._wake()
+
+    def _wake(self) -> None:
+        self._arrived.set()
+        self._hub.settle(self)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _start(self, held: Mapping[int, int]) -> None:
+        """Taken: merge what a persisting sink kept, say what we hold, open the streams' credit."""
+        state = self._state
+        state.received.update(held)
+        state.take()
+        for link, stream_id in list(state.current):
+            assert isinstance(link, Link)
+            if state.resumable and (state.attempt > 0 or state.received):
+                link.send_resume(stream_id, state.resume_point())
+            link.grant_stream(stream_id)
 
     async def _write_all(self, sink: Sink, manifest: Manifest, chunks: list[Chunk]) -> None:
         inline = getattr(sink, "inline_writes", False)
         decompressor = ChunkDecompressor()
         async for link, event in self._data_events():
-            if event.index >= len(chunks):
-                raise PayloadError(f"chunk index {event.index} beyond the plan's {len(chunks)}")
             chunk = chunks[event.index]
             if event.flags & FrameFlags.COMPRESSED:
                 blob = link.pool.allocate(chunk.nbytes + CHUNK_HEADER_ROOM)
@@ -227,158 +226,104 @@ class IncomingTransfer:
                 sink.write(chunk, decode_chunk(manifest, chunk, event.payload))
             else:
                 await asyncio.to_thread(_place, sink, None, manifest, chunk, event, None)
-            sink.record(chunk.index, self._received[event.index])
+            sink.record(chunk.index, self._state.received[event.index])
             metrics.tensor_bytes_moved("received", chunk.nbytes)
             _give_back(link, event)
 
-    def _verify_whole(self, expected_chunks: int) -> str:
-        """Every planned chunk arrived once, and the digest over all of them is the sender's;
-        returns that digest."""
-        if len(self._received) != expected_chunks:
-            raise IntegrityError(
-                f"transfer {self.transfer_id}: {len(self._received)} of {expected_chunks} chunks "
-                "arrived before END"
-            )
-        expected = self._end_header.get("transfer_digest")
-        computed = transfer_digest(self._received)
-        if expected is not None and expected != computed:
-            raise DigestMismatchError(
-                f"transfer {self.transfer_id}: digest over all chunks {computed} != the "
-                f"sender's {expected}"
-            )
-        return computed
-
-    async def __aiter__(self) -> AsyncIterator[memoryview]:
-        """Blocks of a byte stream, in order; each view is valid until the next one is asked for."""
-        if self.kind != BYTES:
-            raise StreamStateError(f"stream {self.stream_id} carries a {self.kind}, not bytes")
-        self._take()
-        ok = False
-        try:
-            async for link, event in self._data_events():
-                try:
-                    yield memoryview(event.payload)
-                finally:
-                    _give_back(link, event)
-            ok = True
-        finally:
-            self._finish(ok=ok)
-
-    async def receive_to_file(self, path: str | os.PathLike[str]) -> Path:
-        """Write a byte stream to `path` (through `path.partial`, renamed once verified)."""
-        target = Path(path)
-        partial = target.with_name(target.name + ".partial")
-        try:
-            handle = await asyncio.to_thread(open, partial, "wb")
-            with handle:
-                async for block in self:
-                    await asyncio.to_thread(handle.write, block)
-                await asyncio.to_thread(os.fsync, handle.fileno())
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        partial.replace(target)
-        return target
-
-    # --- the event queue ---
-
     async def _data_events(self) -> AsyncIterator[tuple[Link, sfm.DataReceived]]:
         """DATA events in arrival order (from every stripe) until every stripe of the current
-        attempt ended (each END verified by sfm), or an error."""
+        attempt ended, or the transfer failed."""
+        state = self._state
         while True:
-            link, item = await self._next_item()
-            if isinstance(item, sfm.DataReceived):
-                yield link, item
-            elif isinstance(item, sfm.StreamEnded):
-                if self._stripe_ended(link, item):
-                    return
-            elif isinstance(item, sfm.StreamFailed):
-                if (link, item.stream_id) in self._sources:
-                    raise item.error
-            elif isinstance(item, sfm.StreamReset):
-                if (link, item.stream_id) in self._sources:
-                    self._stripe_reset(item)
-            elif isinstance(item, TensorwireError) and self._is_current(link):
-                if not (self.resumable and _recoverable(item)):
-                    raise item
-                # Keep taking what the other stripes deliver (their credit must flow) while the
-                # sender reconnects; only the end of the transfer needs its next attempt.
-                if self._lost is None or self._lost[0] != self.attempt:
-                    self._lost = (self.attempt, asyncio.get_running_loop().time(), item)
-
-    def _stripe_reset(self, event: sfm.StreamReset) -> None:
-        """The sender reset a stream of the current attempt: it gave the attempt up to start
-        another ("superseded"), or the transfer is over."""
-        error = StreamResetError(
-            f"peer reset stream {event.stream_id}: {event.reason}", code=event.code
-        )
-        if not (self.resumable and _recoverable(error)):
-            raise error
-        if self._lost is None or self._lost[0] != self.attempt:
-            self._lost = (self.attempt, asyncio.get_running_loop().time(), error)
-
-    def _stripe_ended(self, link: Link, event: sfm.StreamEnded) -> bool:
-        """Note one stripe's END; True once every stripe of the current attempt has ended."""
-        source = (link, event.stream_id)
-        if source not in self._sources:
-            return False  # a stream of an attempt that was given up
-        self._ended.add(source)
-        self._end_header = event.header
-        return len(self._ended) >= self.stripes
-
-    def _is_current(self, link: Link) -> bool:
-        return any(source_link is link for source_link, _ in self._sources)
-
-    async def _next_item(self) -> tuple[Link, _Item]:
-        while not self._events:
-            self._arrived.clear()
-            if self._lost is not None and self._lost[0] == self.attempt:
-                await self._await_next_attempt(*self._lost)
+            if self._problem is not None:
+                raise self._problem[1]
+            if self._queue:
+                yield self._queue.popleft()
+            elif state.state is TransferState.VERIFYING:
+                return
+            elif state.error is not None:
+                raise state.error
             else:
-                await self._link.wait_progress(self._arrived, f"data on stream {self.stream_id}")
-        return self._events.popleft()
+                await self._wait()
 
-    async def _await_next_attempt(self, attempt: int, since: float, error: TensorwireError) -> None:
-        """A stripe of the current attempt was lost and nothing is queued: wait for more events
-        or the sender's next attempt, until idle_timeout after the loss."""
-        idle_timeout = self._link.idle_timeout
-        remaining = since + idle_timeout - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise IdleTimeoutError(
-                f"transfer {self.transfer_id}: the sender did not come back within "
-                f"{idle_timeout:g} s after {error}"
-            ) from error
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._arrived.wait(), remaining)
+    async def _wait(self) -> None:
+        self._arrived.clear()
+        clock, idle_timeout = self._link.clock, self._link.idle_timeout
+        deadline = self._state.deadline(idle_timeout)
+        if deadline is None:
+            what = f"data of transfer {self.transfer_id}"
+            await self._link.wait_progress(self._arrived, what)
+            return
+        if not await clock.wait(self._arrived, deadline - clock.now()):
+            self._verdict(self._state.give_up(idle_timeout))
+            self._wake()
+
+    def _committed(self) -> None:
+        for link, stream_id in self._state.commit():
+            assert isinstance(link, Link)
+            link.complete_stream(stream_id)
+        self._hub.settle(self)
+
+    def _failed(self, error: BaseException) -> None:
+        """This side gave up (a sink error, a failed check, the application cancelled or left
+        the loop): tell the sender why; a protocol breach also refuses the link it came on."""
+        if isinstance(error, ProtocolError) and self._problem is None:
+            self._link.refuse(type(error).__name__, str(error))
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            reason: TensorwireError = LocalError("the receiving application stopped receiving")
+        else:
+            reason = error if isinstance(error, TensorwireError) else LocalError(describe(error))
+        self._verdict(self._state.fail(reason))
+
+    def _verdict(self, resets: list[tuple[StreamKey, str, str]]) -> None:
+        for (link, stream_id), code, reason in resets:
+            assert isinstance(link, Link)
+            link.reset_stream(stream_id, code, reason)
+        self._hub.settle(self)
+
+    def _take_bytes(self) -> None:
+        if self.kind != BYTES:
+            raise StreamStateError(f"transfer {self.transfer_id} carries a {self.kind}, not bytes")
+        self._take()
+        self._start({})
+
+    async def _blocks(self) -> AsyncIterator[memoryview]:
+        async for link, event in self._data_events():
+            try:
+                yield memoryview(event.payload)
+            finally:
+                _give_back(link, event)
 
     def _require_state_dict(self) -> Manifest:
         if self.manifest is None:
-            raise StreamStateError(f"stream {self.stream_id} carries {self.kind}, not a state dict")
+            raise StreamStateError(
+                f"transfer {self.transfer_id} carries {self.kind}, not a state dict"
+            )
         return self.manifest
 
     def _take(self) -> None:
+        self._hub.check_loop()
         if self._taken:
-            raise StreamStateError(f"stream {self.stream_id} is already being received")
+            raise StreamStateError(f"transfer {self.transfer_id} is already being received")
         self._taken = True
 
-    def _finish(self, *, ok: bool) -> None:
-        self._link.finished_incoming(self.stream_id)
-        if self.on_done is not None:
-            self.on_done(self, ok)
+
+class _Hub(Protocol):
+    """What a transfer needs from its endpoint."""
+
+    def check_loop(self) -> None: ...
+
+    def settle(self, transfer: IncomingTransfer) -> None: ...
 
 
-def _stripes(header: Mapping[str, Any]) -> int:
-    """How many streams carry this attempt (1 unless the sender stripes)."""
-    stripes = header.get("stripes", 1)
-    if not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
-        raise ManifestError(f"stripes must be an int in 1..{MAX_STRIPES}, got {stripes!r}")
-    return stripes
-
-
-def _recoverable(error: TensorwireError) -> bool:
-    """A lost connection, or a stripe the sender gave up to start a new attempt."""
-    superseded = isinstance(error, StreamResetError) and error.code == "superseded"
-    return isinstance(error, TransportError) or superseded
+async def _until_last(blocks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+    """Every block of a byte stream, stopping before the verdict (the caller gives it once the
+    blocks are safely on disk)."""
+    while True:
+        block = await anext(blocks, None)
+        if block is None:
+            return
+        yield block
 
 
 def _place(

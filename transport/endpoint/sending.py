@@ -15,9 +15,9 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,25 +25,30 @@ import xxhash
 
 from transport import metrics
 from transport.codecs import CompressionPolicy
+from transport.endpoint.clock import Clock
 from transport.endpoint.compression import ChunkPipeline
-from transport.exceptions import IdleTimeoutError, ProtocolError, TransportError
+from transport.exceptions import (
+    IdleTimeoutError,
+    LocalError,
+    ProtocolError,
+    StreamResetError,
+    TensorwireError,
+    TransferRejectedError,
+    TransportError,
+)
 from transport.payload import Chunk, Manifest, Source, encode_chunk, plan_chunks
-from transport.sfm import StreamDigest
+from transport.transfer import OutgoingTransfer, headers
+from transport.transfer.headers import BYTES, STATE_DICT
 
 if TYPE_CHECKING:
     from transport.endpoint.link import Link
 
-STATE_DICT = "state_dict"
-BYTES = "bytes"
-# Most index ranges a RESUME may list: beyond that a receiver is describing noise, not progress.
-MAX_RESUME_RANGES = 1 << 20
-# Most parallel connections one transfer may stripe over.
-MAX_STRIPES = 64
+ProgressCallback = Callable[[int, int], None]  # (bytes done, total bytes)
 
 
 @dataclass(frozen=True, slots=True)
 class TransferResult:
-    """What a finished transfer moved."""
+    """What a finished transfer moved. It exists only once the receiver committed it."""
 
     stream_id: int
     kind: str
@@ -61,46 +66,13 @@ class TransferResult:
 
 
 class Relinker(Protocol):
-    """What a sender needs from its peer: live links, and a way back after a failure."""
+    """What a sender needs from its peer: live links, a way back after a failure, the clock."""
+
+    clock: Clock
 
     async def stripe_links(self, count: int) -> list[Link]: ...
 
-    async def recover_stripes(self, links: list[Link], error: TransportError) -> None: ...
-
-
-# --- index ranges (RESUME) -----------------------------------------------------------------------
-
-
-def index_ranges(indices: Iterable[int]) -> list[list[int]]:
-    """{0, 1, 2, 5} -> [[0, 3], [5, 6]]: half-open ranges, compact on the wire."""
-    ranges: list[list[int]] = []
-    for index in sorted(indices):
-        if ranges and ranges[-1][1] == index:
-            ranges[-1][1] = index + 1
-        else:
-            ranges.append([index, index + 1])
-    return ranges
-
-
-def parse_index_ranges(value: Any, limit: int) -> set[int]:
-    """The indices of a RESUME's "held" ranges, each within [0, limit); ProtocolError otherwise."""
-    if not isinstance(value, list) or len(value) > MAX_RESUME_RANGES:
-        raise ProtocolError(f"RESUME 'held' must be a list of at most {MAX_RESUME_RANGES} ranges")
-    held: set[int] = set()
-    for item in value:
-        valid = isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item)
-        if not valid or not 0 <= item[0] < item[1] <= limit:
-            raise ProtocolError(f"RESUME range {item!r} is not [start, stop) within 0..{limit}")
-        held.update(range(item[0], item[1]))
-    return held
-
-
-def transfer_digest(checksums: Mapping[int, int]) -> str:
-    """The same tree digest sfm uses per stream, over every chunk of the transfer."""
-    digest = StreamDigest()
-    for index, checksum in checksums.items():
-        digest.add(index, checksum, 0)
-    return digest.hexdigest()
+    async def recover_stripes(self, links: list[Link], error: TensorwireError) -> None: ...
 
 
 # --- buffers the driver may still read --------------------------------------------------------
@@ -138,20 +110,6 @@ class _InFlight:
 # --- state dicts ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Transfer:
-    """A transfer's progress across attempts."""
-
-    transfer_id: str
-    header: dict[str, Any]
-    chunks: list[Chunk]
-    checksums: dict[int, int] = field(default_factory=dict)
-    attempt: int = 0
-    bytes_sent: int = 0
-    digest: str = ""  # over every chunk's checksum, once all were sent
-    started: float = field(default_factory=time.perf_counter)
-
-
 async def send_source(
     peer: Relinker,
     source: Source,
@@ -159,91 +117,133 @@ async def send_source(
     transfer_id: str | None,
     codec: tuple[CompressionPolicy, ThreadPoolExecutor | None],
     stripes: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> TransferResult:
     """Stream every chunk of `source` (over `stripes` parallel connections); resume after
-    connection loss; return once the receiver verified the whole transfer."""
-    manifest = source.manifest
-    header = {"kind": STATE_DICT, "manifest": manifest.to_header(), "meta": dict(meta or {})}
-    transfer = _Transfer(transfer_id or uuid.uuid4().hex, header, plan_chunks(manifest))
-    loop = asyncio.get_running_loop()
-    progressed_at, sent_before = loop.time(), 0
+    connection loss; return once the receiver committed the whole transfer, raise its reason
+    otherwise. Cancelling it tells the receiver at once (a final "cancelled" reset)."""
+    manifest, clock = source.manifest, peer.clock
+    chunks = plan_chunks(manifest)
+    content = {"manifest": manifest.to_header(), "meta": dict(meta or {})}
+    transfer = OutgoingTransfer(
+        transfer_id or uuid.uuid4().hex,
+        STATE_DICT,
+        content,
+        [chunk.nbytes for chunk in chunks],
+        idle_timeout=_idle_timeout(peer),
+        now=clock.now(),
+    )
+    started = time.perf_counter()
     while True:
         links = await peer.stripe_links(stripes)
+        streams: list[tuple[Link, int]] = []
         try:
-            stream_id = await _striped_attempt(links, source, codec, transfer)
+            await _striped_attempt(links, streams, source, codec, transfer, chunks, progress)
             break
-        except TransportError as error:
-            if transfer.bytes_sent > sent_before:
-                progressed_at, sent_before = loop.time(), transfer.bytes_sent
-            # Connections that open and die at once (a peer refusing our certificate after the
-            # handshake, say) must not be retried forever: the one timeout applies across them.
-            stalled = loop.time() - progressed_at > links[0].idle_timeout
-            if isinstance(error, IdleTimeoutError) or stalled:
-                raise
-            await peer.recover_stripes(links, error)
-            transfer.attempt += 1
-    seconds = time.perf_counter() - transfer.started
+        except BaseException as raised:
+            error = _deciding_error(raised)
+            retry = _decide(transfer, error, clock.now())
+            _reset_all(streams, transfer, error, retry)
+            if not retry:
+                raise (transfer.error or error) if _is_verdict(error) else error from None
+            lost = error
+        assert isinstance(lost, TensorwireError)
+        await peer.recover_stripes(links, lost)
     return TransferResult(
-        stream_id,
+        streams[0][1],
         STATE_DICT,
         manifest.total_bytes,
-        len(transfer.chunks),
-        seconds,
+        len(chunks),
+        time.perf_counter() - started,
         transfer.transfer_id,
-        transfer.attempt,
+        transfer.resumes,
         transfer.bytes_sent,
         transfer.digest,
     )
 
 
+def _idle_timeout(peer: Relinker) -> float:
+    return float(getattr(peer, "idle_timeout", 120.0))
+
+
+def _decide(transfer: OutgoingTransfer, error: BaseException, now: float) -> bool:
+    """Ask the transfer layer: another attempt (True), or the end (False)."""
+    if isinstance(error, asyncio.CancelledError):
+        transfer.cancel("the sending application cancelled the transfer")
+        return False
+    if isinstance(error, StreamResetError):
+        return transfer.on_reset(error.code, str(error), now)
+    if isinstance(error, TensorwireError):
+        return transfer.on_lost(error, now)
+    transfer.fail(LocalError(describe(error)))
+    return False
+
+
+def _is_verdict(error: BaseException) -> bool:
+    """The receiver's reset carried its verdict: raise the transfer's reading of it."""
+    return isinstance(error, StreamResetError)
+
+
+def _reset_all(
+    streams: list[tuple[Link, int]], transfer: OutgoingTransfer, error: BaseException, retry: bool
+) -> None:
+    """Tell the receiver how this attempt ended: superseded by the next one, cancelled, or failed
+    here (its reason)."""
+    if retry:
+        code = headers.SUPERSEDED
+    elif isinstance(error, asyncio.CancelledError):
+        code = headers.CANCELLED
+    else:
+        code = "sender_failed"
+    for link, stream_id in streams:
+        link.reset_stream(stream_id, code, describe(error))
+
+
 async def _striped_attempt(
     links: list[Link],
+    streams: list[tuple[Link, int]],
     source: Source,
     codec: tuple[CompressionPolicy, ThreadPoolExecutor | None],
-    transfer: _Transfer,
-) -> int:
+    transfer: OutgoingTransfer,
+    chunks: list[Chunk],
+    progress: ProgressCallback | None,
+) -> None:
     """One attempt over one stream per link: open them all, learn what the receiver holds, deal
-    the remaining chunks round-robin, send, then end every stripe with the transfer's digest.
-
-    If any stripe fails, the others are given up ("superseded") and the error goes up, so the
-    next attempt starts from what the receiver holds, over fresh connections where needed."""
-    header = {
-        **transfer.header,
-        "transfer": transfer.transfer_id,
-        "attempt": transfer.attempt,
-        "stripes": len(links),
-    }
-    streams = [(link, link.open_stream(header, len(transfer.chunks))) for link in links]
-    try:
-        helds = [await link.resume_point(sid, wait=transfer.attempt > 0) for link, sid in streams]
-        held = _HeldUnion(helds)
-        todo = [chunk for chunk in transfer.chunks if chunk.index not in held]
-        deals = [todo[i :: len(streams)] for i in range(len(streams))]
-        async with asyncio.TaskGroup() as group:
-            for (link, sid), deal in zip(streams, deals, strict=True):
-                pipeline = ChunkPipeline(source.manifest, source, *codec)
-                group.create_task(_send_stripe(link, sid, source, pipeline, deal, held, transfer))
-        _fill_checksums(source, source.manifest, transfer)
-        transfer.digest = transfer_digest(transfer.checksums)
-        end = {"transfer_digest": transfer.digest}
-        async with asyncio.TaskGroup() as group:
-            for link, sid in streams:
-                group.create_task(link.end_stream(sid, end))
-    except BaseException as error:
-        for link, sid in streams:
-            link.reset_stream(sid, "superseded", describe(error))
-        raise _deciding_error(error) from None
-    return streams[0][1]
+    the remaining chunks round-robin, send, end every stripe with the transfer's digest and wait
+    for the receiver's verdict. Any failure goes up (the caller decides: resume or stop)."""
+    header = transfer.open_attempt(len(links))
+    for link in links:
+        streams.append((link, link.open_stream(header)))
+    if transfer.awaits_resume_point:
+        for link, stream_id in streams:
+            await link.wait_resume_point(stream_id)
+        _absorb_resume_points(streams, transfer)
+    deals = transfer.deal(len(streams))
+    async with asyncio.TaskGroup() as group:
+        for (link, stream_id), deal in zip(streams, deals, strict=True):
+            pipeline = ChunkPipeline(source.manifest, source, *codec)
+            stripe = [chunks[index] for index in deal]
+            group.create_task(
+                _send_stripe(link, stream_id, streams, source, pipeline, stripe, transfer, progress)
+            )
+    _absorb_resume_points(streams, transfer)
+    _fill_checksums(source, source.manifest, chunks, transfer)
+    end = transfer.end_header()
+    async with asyncio.TaskGroup() as group:
+        for link, stream_id in streams:
+            group.create_task(link.end_stream(stream_id, end))
+    transfer.on_committed()
 
 
-class _HeldUnion:
-    """The chunks the receiver holds, as the RESUMEs on every stripe say (they may grow)."""
-
-    def __init__(self, sets: list[set[int]]) -> None:
-        self._sets = sets
-
-    def __contains__(self, index: object) -> bool:
-        return any(index in held for held in self._sets)
+def _absorb_resume_points(streams: list[tuple[Link, int]], transfer: OutgoingTransfer) -> None:
+    """Hand RESUMEs that arrived to the transfer; a malformed one refuses its link."""
+    for link, stream_id in streams:
+        for held in link.take_resume_points(stream_id):
+            try:
+                transfer.on_resume(held, link.clock.now())
+            except ProtocolError as error:
+                link.refuse(type(error).__name__, str(error))
+                raise
 
 
 def _deciding_error(error: BaseException) -> BaseException:
@@ -270,17 +270,19 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 async def _send_stripe(
     link: Link,
     stream_id: int,
+    streams: list[tuple[Link, int]],
     source: Source,
     pipeline: ChunkPipeline,
     chunks: list[Chunk],
-    held: _HeldUnion,
-    transfer: _Transfer,
+    transfer: OutgoingTransfer,
+    progress: ProgressCallback | None,
 ) -> None:
     """Send one stripe's chunks, skipping any the receiver turns out to hold."""
     in_flight = _InFlight(link.stream_window)
     try:
         async for ready in pipeline.iterate(chunks):
-            if ready.chunk.index in held:  # a RESUME arrived while it was being prepared
+            _absorb_resume_points(streams, transfer)
+            if ready.chunk.index in transfer.held:  # a RESUME arrived while it was prepared
                 source.release(ready.chunk)
                 continue
             started = time.perf_counter()
@@ -288,9 +290,12 @@ async def _send_stripe(
                 stream_id, ready.chunk.index, ready.parts, ready.nbytes, ready.header, ready.flags
             )
             pipeline.observe_link(ready.nbytes, time.perf_counter() - started)
-            transfer.checksums[ready.chunk.index] = ready.blob_checksum or checksum
-            transfer.bytes_sent += ready.chunk.nbytes
+            now = link.clock.now()
+            index, nbytes = ready.chunk.index, ready.chunk.nbytes
+            transfer.on_chunk_sent(index, ready.blob_checksum or checksum, nbytes, now)
             metrics.tensor_bytes_moved("sent", ready.chunk.nbytes)
+            if progress is not None:
+                progress(transfer.done_bytes, transfer.total_bytes)
             for delivered in in_flight.sent(ready.chunk, ready.nbytes):
                 source.release(delivered)
     finally:
@@ -298,16 +303,18 @@ async def _send_stripe(
             source.release(delivered)
 
 
-def _fill_checksums(source: Source, manifest: Manifest, transfer: _Transfer) -> None:
+def _fill_checksums(
+    source: Source, manifest: Manifest, chunks: list[Chunk], transfer: OutgoingTransfer
+) -> None:
     """Checksums of chunks the receiver held from an attempt this process never sent (a
     transfer id reused after a sender restart): hash them as they would have been framed."""
-    for chunk in transfer.chunks:
-        if chunk.index not in transfer.checksums:
-            hasher = xxhash.xxh3_64()
-            for part in encode_chunk(manifest, chunk, source.chunk_views(chunk)):
-                hasher.update(part)
-            transfer.checksums[chunk.index] = hasher.intdigest()
-            source.release(chunk)
+    for index in transfer.missing_checksums():
+        chunk = chunks[index]
+        hasher = xxhash.xxh3_64()
+        for part in encode_chunk(manifest, chunk, source.chunk_views(chunk)):
+            hasher.update(part)
+        transfer.checksums[index] = hasher.intdigest()
+        source.release(chunk)
 
 
 # --- byte streams --------------------------------------------------------------------------------
@@ -339,7 +346,13 @@ async def send_blocks(
             index += 1
         await link.end_stream(stream_id)
     except BaseException as error:
-        link.reset_stream(stream_id, "sender_failed", describe(error))
+        cancelled = isinstance(error, asyncio.CancelledError)
+        code = headers.CANCELLED if cancelled else "sender_failed"
+        link.reset_stream(stream_id, code, describe(error))
+        if isinstance(error, StreamResetError) and not cancelled:
+            raise TransferRejectedError(
+                f"the receiver did not take the byte stream: {error}", code=error.code
+            ) from error
         raise
     seconds = time.perf_counter() - started
     return TransferResult(stream_id, BYTES, sent, index, seconds, bytes_sent=sent)

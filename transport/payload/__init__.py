@@ -3,9 +3,10 @@
 Pure: no asyncio, no sockets. The sender builds a Source (its manifest travels first), plans the
 chunks with plan_chunks, and sends encode_chunk(...) buffers; the receiver rebuilds the manifest
 with Manifest.from_header, plans the same chunks, decode_chunk(...)s each one and writes the pieces
-to a Sink.
+to a Sink. Tied tensors (one tensor under several names) travel once: see aliases.py.
 """
 
+from transport.payload.aliases import SharedStorageWarning, find_aliases
 from transport.payload.chunk import METADATA_KEY, chunk_header, decode_chunk, encode_chunk
 from transport.payload.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -52,6 +53,7 @@ __all__ = [
     "Piece",
     "SafetensorsFileSink",
     "SafetensorsSource",
+    "SharedStorageWarning",
     "Sink",
     "Source",
     "StateDictSink",
@@ -62,6 +64,7 @@ __all__ = [
     "decode_chunk",
     "dtype_name",
     "encode_chunk",
+    "find_aliases",
     "is_whole",
     "plan_chunks",
     "safetensors_file_header",

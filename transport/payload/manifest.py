@@ -4,6 +4,13 @@ The sender builds a `Manifest` from its source; it travels as the JSON header of
 frame (`to_header`), and the receiver rebuilds it with `from_header`, which validates every field
 against `ManifestLimits` before anything is allocated: the manifest is the one place where a peer
 announces sizes, so it is the one place where absurd sizes are refused.
+
+Tied tensors: `aliases` maps a tensor's name to the name of the tensor it is the very same tensor as
+(see aliases.py). An alias keeps its entry in `tensors` (so the manifest still lists every name of
+the state dict, with its dtype and shape) but carries no bytes: `total_bytes` counts each tensor
+once, and the plan gives aliases no piece. The header has an "aliases" object only when there are
+aliases, so a stream without any looks exactly as before; a peer that predates aliases refuses one
+with aliases (its tensors no longer sum to `total_bytes`) instead of mis-receiving it.
 """
 
 from __future__ import annotations
@@ -109,17 +116,24 @@ class ManifestLimits:
     # (one object per chunk) the allocation a hostile peer controls.
     max_chunks: int = 4 * 2**20
     max_metadata_bytes: int = 64 * 1024
+    # Tied weights are a handful per model; the bound keeps a hostile alias table small.
+    max_aliases: int = 65_536
 
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """The stream's table of contents: tensors in send order, chunk size and user metadata."""
+    """The stream's table of contents: tensors in send order, chunk size, user metadata, aliases."""
 
     tensors: tuple[TensorSpec, ...]
     chunk_size: int = DEFAULT_CHUNK_SIZE
     metadata: Mapping[str, str] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # alias name -> target name
     _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
     _total_bytes: int = field(init=False, repr=False, compare=False, hash=False)
+    _target_of: dict[int, int] = field(init=False, repr=False, compare=False, hash=False)
+    _aliases_of: dict[int, tuple[int, ...]] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         index: dict[str, int] = {}
@@ -134,13 +148,29 @@ class Manifest:
             raise ManifestError(f"chunk_size must be an int, got {self.chunk_size!r}")
         if self.chunk_size < 1:
             raise ManifestError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        target_of = _resolve_aliases(self.tensors, index, self.aliases)
+        aliases_of: dict[int, tuple[int, ...]] = {}
+        for alias, target in target_of.items():
+            aliases_of[target] = (*aliases_of.get(target, ()), alias)
+        travelling = (spec.nbytes for i, spec in enumerate(self.tensors) if i not in target_of)
         object.__setattr__(self, "_index", index)
-        object.__setattr__(self, "_total_bytes", sum(spec.nbytes for spec in self.tensors))
+        object.__setattr__(self, "_target_of", target_of)
+        object.__setattr__(self, "_aliases_of", aliases_of)
+        object.__setattr__(self, "_total_bytes", sum(travelling))
 
     @property
     def total_bytes(self) -> int:
-        """Sum of every tensor's nbytes."""
+        """Bytes the stream carries: every tensor's nbytes, each alias's bytes not again."""
         return self._total_bytes
+
+    @property
+    def target_of(self) -> Mapping[int, int]:
+        """Position of each alias -> position of the tensor it is (its target, never an alias)."""
+        return self._target_of
+
+    def aliases_of(self, position: int) -> tuple[int, ...]:
+        """Positions of the aliases of the tensor at `position` (empty for most tensors)."""
+        return self._aliases_of.get(position, ())
 
     def index_of(self, name: str) -> int:
         """Position of the tensor called `name`; KeyError when the manifest has none."""
@@ -148,7 +178,7 @@ class Manifest:
 
     def to_header(self) -> dict[str, Any]:
         """A JSON-able dict that `from_header` turns back into an equal manifest."""
-        return {
+        header = {
             "format": MANIFEST_FORMAT,
             "digest": DIGEST_ALGORITHM,
             "chunk_size": self.chunk_size,
@@ -159,11 +189,54 @@ class Manifest:
                 for spec in self.tensors
             ],
         }
+        if self.aliases:
+            header["aliases"] = dict(self.aliases)
+        return header
 
     @classmethod
     def from_header(cls, obj: Any, limits: ManifestLimits = ManifestLimits()) -> Manifest:
         """Validate a received manifest header and build the manifest; ManifestError if bad."""
         return _ManifestReader(limits).read(obj)
+
+
+def _resolve_aliases(
+    tensors: tuple[TensorSpec, ...], index: Mapping[str, int], aliases: Mapping[str, str]
+) -> dict[int, int]:
+    """Alias position -> target position; ManifestError naming the first alias that is wrong."""
+    if not isinstance(aliases, Mapping):
+        raise ManifestError(f"aliases must map names to names, got {type(aliases).__name__}")
+    target_of: dict[int, int] = {}
+    for alias, target in aliases.items():
+        _check_alias(alias, target, index, aliases)
+        mine, theirs = tensors[index[alias]], tensors[index[target]]
+        if (mine.dtype, mine.shape) != (theirs.dtype, theirs.shape):
+            raise ManifestError(
+                f"alias {alias!r} is {mine.dtype}{list(mine.shape)} but its target {target!r} "
+                f"is {theirs.dtype}{list(theirs.shape)}: an alias is the same tensor under "
+                "another name"
+            )
+        target_of[index[alias]] = index[target]
+    return target_of
+
+
+def _check_alias(
+    alias: Any, target: Any, index: Mapping[str, int], aliases: Mapping[str, str]
+) -> None:
+    if not isinstance(alias, str) or not isinstance(target, str):
+        raise ManifestError(f"alias {alias!r:.80} -> {target!r:.80} is not a name -> name pair")
+    if alias not in index:
+        raise ManifestError(f"alias {alias!r:.80} is not the name of a tensor in the manifest")
+    if target == alias:
+        raise ManifestError(f"alias {alias!r} points at itself")
+    if target not in index:
+        raise ManifestError(
+            f"alias {alias!r} points at {target!r:.80}, which is not a tensor in the manifest"
+        )
+    if target in aliases:
+        raise ManifestError(
+            f"alias {alias!r} points at {target!r}, itself an alias of "
+            f"{aliases[target]!r:.80}: an alias must point at the tensor that carries the bytes"
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -186,22 +259,32 @@ class _ManifestReader:
         self._check_envelope(obj)
         chunk_size = self._chunk_size(obj.get("chunk_size"))
         metadata = self._metadata(obj.get("metadata", {}))
+        aliases = self._aliases(obj.get("aliases", {}))
         specs = self._tensors(obj.get("tensors"))
-        total = sum(spec.nbytes for spec in specs)
-        if total > self.limits.max_total_bytes:
+        # Aliases count here although they do not travel: a file sink writes each one out under
+        # its own name, so this is what a receiver may have to store.
+        stored = sum(spec.nbytes for spec in specs)
+        if stored > self.limits.max_total_bytes:
             raise ManifestError(
-                f"manifest totals {total} bytes, over the limit of {self.limits.max_total_bytes}"
+                f"manifest totals {stored} bytes, over the limit of {self.limits.max_total_bytes}"
             )
-        announced = obj.get("total_bytes", total)
+        manifest = Manifest(tuple(specs), chunk_size, metadata, aliases)
+        self._check_chunks(obj.get("total_bytes", manifest.total_bytes), manifest)
+        return manifest
+
+    def _check_chunks(self, announced: Any, manifest: Manifest) -> None:
+        total, chunk_size = manifest.total_bytes, manifest.chunk_size
         if announced != total:
-            raise ManifestError(f"total_bytes says {announced!r} but the tensors sum to {total}")
+            shared = " (each alias counted once)" if manifest.aliases else ""
+            raise ManifestError(
+                f"total_bytes says {announced!r} but the tensors sum to {total}{shared}"
+            )
         min_chunks = -(-total // chunk_size)
         if min_chunks > self.limits.max_chunks:
             raise ManifestError(
                 f"{total} bytes in chunks of {chunk_size} makes at least {min_chunks} chunks, "
                 f"over the limit of {self.limits.max_chunks}"
             )
-        return Manifest(tuple(specs), chunk_size, metadata)
 
     def _check_envelope(self, obj: dict[str, Any]) -> None:
         if obj.get("format") != MANIFEST_FORMAT:
@@ -231,6 +314,16 @@ class _ManifestReader:
         if size > self.limits.max_metadata_bytes:
             raise ManifestError(
                 f"metadata is {size} bytes, over the limit of {self.limits.max_metadata_bytes}"
+            )
+        return dict(value)
+
+    def _aliases(self, value: Any) -> dict[str, str]:
+        # Only the shape of the table here; which names it may use is checked by Manifest itself.
+        if not isinstance(value, dict):
+            raise ManifestError(f"aliases must be a JSON object, got {type(value).__name__}")
+        if len(value) > self.limits.max_aliases:
+            raise ManifestError(
+                f"manifest lists {len(value)} aliases, over the limit of {self.limits.max_aliases}"
             )
         return dict(value)
 

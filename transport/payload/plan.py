@@ -8,7 +8,9 @@ Rules, in manifest order:
 - a tensor that does not fit starts a new chunk;
 - a tensor larger than chunk_size is cut into byte ranges of chunk_size, starting on a chunk of its
   own; its tail range (shorter than chunk_size) stays open, so following tensors may join it;
-- an empty tensor still gets a (zero-length) piece so the receiver learns it exists.
+- an empty tensor still gets a (zero-length) piece so the receiver learns it exists;
+- an alias (manifest.target_of) gets no piece at all: its bytes are its target's, and the receiver
+  learns it exists from the manifest.
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ class _Planner:
 def plan_chunks(manifest: Manifest) -> list[Chunk]:
     """Cut the manifest's tensors into chunks; deterministic, so both sides get the same list."""
     planner = _Planner(manifest.chunk_size)
+    aliases = manifest.target_of
     for position, spec in enumerate(manifest.tensors):
+        if position in aliases:
+            continue
         nbytes = spec.nbytes
         if nbytes <= manifest.chunk_size:
             planner.add_whole(position, nbytes)

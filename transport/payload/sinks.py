@@ -4,6 +4,13 @@ Call order: `open(manifest)` once, `write(chunk, pieces)` per chunk (possibly fr
 possibly concurrently for different chunks), then `commit()` only after the stream's digest was
 verified, or `abort(error)` on any failure. A sink never holds more than the chunk it is writing,
 except CallbackSink, which assembles one split tensor at a time in a buffer of that tensor's size.
+
+Aliases (tied tensors, `manifest.aliases`) arrive as their target's bytes, once; each sink restores
+them its own way: a new dict maps the alias to the very same tensor object as its target; an
+in-place fill copies into an alias tensor of `into` only when it does not already share the
+target's storage; a safetensors file, which cannot store shared tensors, holds the bytes under both
+names (what `save_file` writes for two equal tensors); a callback is called for the alias with the
+same tensor object right after its target.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Final
 import torch
 
 from transport.exceptions import PayloadError, SinkMismatchError, TransportError
+from transport.payload.aliases import same_view
 from transport.payload.chunk import pack_header
 from transport.payload.journal import ProgressJournal
 from transport.payload.manifest import Manifest, TensorSpec, dtype_name
@@ -176,8 +184,10 @@ def _mismatches(
     manifest: Manifest, into: MutableMapping[str, torch.Tensor], strict: bool
 ) -> list[str]:
     problems: list[str] = []
-    for spec in manifest.tensors:
+    for position, spec in enumerate(manifest.tensors):
         target: object = into.get(spec.name)
+        if target is None and position in manifest.target_of:
+            continue  # e.g. `dict(model.named_parameters())`, which lists a tied weight once
         if target is None:
             problems.append(f"{spec.name!r} missing")
         elif not isinstance(target, torch.Tensor):
@@ -196,12 +206,28 @@ def _mismatches(
     return problems
 
 
+def _untied_aliases(
+    manifest: Manifest, tensors: Sequence[torch.Tensor | None]
+) -> dict[int, list[torch.Tensor]]:
+    untied: dict[int, list[torch.Tensor]] = {}
+    for alias, target in manifest.target_of.items():
+        mine, theirs = tensors[alias], tensors[target]
+        if mine is not None and theirs is not None and not same_view(mine, theirs):
+            untied.setdefault(target, []).append(mine)
+    return untied
+
+
 class StateDictSink(Sink):
     """Fills a state dict: new tensors (`into=None`) or an existing dict's tensors in place.
 
     In place, every streamed tensor must exist in `into` with the same dtype and shape and be
     contiguous; with `strict=True` `into` may not hold tensors the stream lacks either. `device`
     places newly allocated tensors. An aborted in-place fill leaves the targets partly overwritten.
+
+    Aliases: in a new dict an alias is the very same tensor object as its target (the tie
+    survives). In place, an alias tensor of `into` that is already the same view as its target
+    (a tied model's own state dict) is filled by filling the target; one that is not gets the same
+    bytes copied in; one that `into` lacks is skipped, since `into` holds its values already.
     """
 
     def __init__(
@@ -216,18 +242,22 @@ class StateDictSink(Sink):
         self._strict = strict
         self._progress: _Progress | None = None
         self._tensors: list[torch.Tensor | None] = []
+        # Target position -> alias tensors of `into` that do not share its storage: filled too.
+        self._untied: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._copier = _Copier()
 
     def open(self, manifest: Manifest) -> None:
         """Check the targets (in place) or prepare lazy allocation (new dict)."""
         self._tensors = [None] * len(manifest.tensors)
+        self._untied = {}
         if self._into is not None:
             problems = _mismatches(manifest, self._into, self._strict)
             if problems:
                 shown = "; ".join(problems[:20])
                 raise SinkMismatchError(f"{len(problems)} tensors do not match the stream: {shown}")
-            self._tensors = [self._into[spec.name] for spec in manifest.tensors]
+            self._tensors = [self._into.get(spec.name) for spec in manifest.tensors]
+            self._untied = _untied_aliases(manifest, self._tensors)
         self._progress = _Progress(manifest)
 
     def _target(self, position: int, spec: TensorSpec) -> torch.Tensor:
@@ -247,6 +277,8 @@ class StateDictSink(Sink):
         for piece, view in pieces:
             target = self._target(piece.tensor, progress.manifest.tensors[piece.tensor])
             self._copier.copy(_flat_bytes(target), piece.start, view)
+            for alias in self._untied.get(piece.tensor, ()):
+                self._copier.copy(_flat_bytes(alias), piece.start, view)
         progress.mark(chunk)
 
     def commit(self) -> MutableMapping[str, torch.Tensor]:
@@ -255,9 +287,11 @@ class StateDictSink(Sink):
         progress.require_complete("StateDictSink")
         if self._into is not None:
             return self._into
+        manifest = progress.manifest
         result: dict[str, torch.Tensor] = {}
-        for position, spec in enumerate(progress.manifest.tensors):
-            result[spec.name] = self._target(position, spec)
+        for position, spec in enumerate(manifest.tensors):
+            source = manifest.target_of.get(position, position)
+            result[spec.name] = self._target(source, manifest.tensors[source])
         return result
 
     def abort(self, error: BaseException) -> None:
@@ -288,6 +322,11 @@ def safetensors_file_header(manifest: Manifest) -> tuple[bytes, list[int]]:
     return pack_header(header), offsets
 
 
+def _file_data_bytes(manifest: Manifest) -> int:
+    """The data section of the file: every name's bytes, aliases included (written out twice)."""
+    return sum(spec.nbytes for spec in manifest.tensors)
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     # pwrite may write less than asked (Linux caps one call near 2 GiB): loop until done.
     while view.nbytes:
@@ -301,6 +340,10 @@ class SafetensorsFileSink(Sink):
 
     The header is computed from the manifest at open(), the file (`<path>.partial`) is sized with
     a sparse truncate, and each piece is pwritten at its final offset straight from the view.
+
+    safetensors cannot store two names for one tensor, so an alias is written out in full under
+    its own name, with its target's bytes: the file is what `save_file` writes for a dict holding
+    two equal tensors, and every loader sees every name. The tie itself is not in the file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -308,7 +351,8 @@ class SafetensorsFileSink(Sink):
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.journal = ProgressJournal(self.partial.with_name(self.partial.name + ".progress"))
         self._fd: int | None = None
-        self._bases: list[int] = []
+        # Per tensor: where its bytes go in the file, its aliases' places after its own.
+        self._bases: list[tuple[int, ...]] = []
         self._progress: _Progress | None = None
         self._transfer_id: str | None = None
         self._held: dict[int, int] = {}
@@ -318,7 +362,7 @@ class SafetensorsFileSink(Sink):
         self._transfer_id = transfer_id
         header, _ = safetensors_file_header(manifest)
         try:
-            size_ok = self.partial.stat().st_size == len(header) + manifest.total_bytes
+            size_ok = self.partial.stat().st_size == len(header) + _file_data_bytes(manifest)
         except FileNotFoundError:
             size_ok = False
         self._held = self.journal.load(transfer_id, manifest) if size_ok else {}
@@ -331,11 +375,14 @@ class SafetensorsFileSink(Sink):
         try:
             self._fd = os.open(self.partial, flags, 0o644)
             _pwrite_all(self._fd, memoryview(header), 0)
-            os.ftruncate(self._fd, len(header) + manifest.total_bytes)
+            os.ftruncate(self._fd, len(header) + _file_data_bytes(manifest))
         except OSError as exc:
             self.abort(exc)
             raise PayloadError(f"cannot create {self.partial}: {exc}") from exc
-        self._bases = [len(header) + offset for offset in offsets]
+        self._bases = [
+            tuple(len(header) + offsets[i] for i in (position, *manifest.aliases_of(position)))
+            for position in range(len(manifest.tensors))
+        ]
         self._progress = _Progress(manifest)
         self._progress.done.update(self._held)
         if self._held:
@@ -357,7 +404,8 @@ class SafetensorsFileSink(Sink):
             raise PayloadError(f"{self.partial} is closed")
         try:
             for piece, view in pieces:
-                _pwrite_all(fd, _as_bytes(view), self._bases[piece.tensor] + piece.start)
+                for base in self._bases[piece.tensor]:
+                    _pwrite_all(fd, _as_bytes(view), base + piece.start)
         except OSError as exc:
             raise PayloadError(
                 f"cannot write chunk {chunk.index} to {self.partial}: {exc}"
@@ -404,7 +452,9 @@ class CallbackSink(Sink):
     """Calls `on_tensor(name, tensor)` once per tensor, as soon as all its bytes arrived.
 
     A whole tensor is copied out of the chunk into a tensor of its own; a split tensor is assembled
-    in one buffer of its size, delivered, then dropped. Calls come from the writing thread.
+    in one buffer of its size, delivered, then dropped. Calls come from the writing thread. An alias
+    is delivered right after its target, with the same tensor object (so the callback sees every
+    name of the state dict, and a tie survives if it keeps both).
     """
 
     def __init__(
@@ -453,10 +503,15 @@ class CallbackSink(Sink):
                 tensor = self._pending.pop(piece.tensor)[0]
             else:
                 continue
-            self._on_tensor(spec.name, tensor)
-            with self._lock:
-                self.delivered += 1
+            self._deliver(progress.manifest, piece.tensor, tensor)
         progress.mark(chunk)
+
+    def _deliver(self, manifest: Manifest, position: int, tensor: torch.Tensor) -> None:
+        positions = (position, *manifest.aliases_of(position))
+        for each in positions:
+            self._on_tensor(manifest.tensors[each].name, tensor)
+        with self._lock:
+            self.delivered += len(positions)
 
     def commit(self) -> int:
         """The number of tensors delivered (all of them)."""

@@ -25,6 +25,7 @@ import torch
 import xxhash
 
 from transport.exceptions import ManifestError, PayloadError
+from transport.payload.aliases import find_aliases
 from transport.payload.manifest import (
     DEFAULT_CHUNK_SIZE,
     DTYPE_SIZES,
@@ -137,7 +138,12 @@ def _spec_of(name: Any, tensor: Any) -> TensorSpec:
 
 
 class StateDictSource(Source):
-    """Serves an in-memory state dict (CPU or CUDA); contiguous CPU tensors are never copied."""
+    """Serves an in-memory state dict (CPU or CUDA); contiguous CPU tensors are never copied.
+
+    An entry that is the very same tensor as an earlier one (tied weights) becomes an alias in the
+    manifest and is sent once, under the earlier name. Entries that only share part of a storage
+    are sent separately, with a SharedStorageWarning.
+    """
 
     def __init__(
         self,
@@ -146,7 +152,8 @@ class StateDictSource(Source):
         metadata: Mapping[str, str] | None = None,
     ) -> None:
         specs = tuple(_spec_of(name, tensor) for name, tensor in state_dict.items())
-        self.manifest = _checked(Manifest(specs, chunk_size, dict(metadata or {})))
+        aliases = find_aliases(state_dict)
+        self.manifest = _checked(Manifest(specs, chunk_size, dict(metadata or {}), aliases))
         self._tensors = list(state_dict.values())
         # The one tensor currently made contiguous (a copy), kept while its chunks are sent.
         self._dense: tuple[int, torch.Tensor] | None = None

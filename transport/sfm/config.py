@@ -37,6 +37,13 @@ class ConnectionConfig:
     max_streams: int = 64  # concurrent streams the peer may open; more is a protocol error
     max_pending_requests: int = 256  # unanswered requests the peer may have; more is an error
     limits: Limits = DEFAULT_LIMITS
+    # Credit a stream gets when it opens; the rest of stream_window comes with `grant_stream()`.
+    # None: the whole window at once. 0 lets the application decide which streams may hold
+    # credit (a stream nobody reads yet must not hold connection credit others need).
+    stream_credit: int | None = None
+    # Send the final ACK of a stream as soon as its END checks out (True), or only when the
+    # application calls `complete_stream()` (False): then the ACK is the application's verdict.
+    ack_on_end: bool = True
 
     def __post_init__(self) -> None:
         for name, (low, high) in _SETTING_RANGES.items():
@@ -48,10 +55,22 @@ class ConnectionConfig:
                 f"ConnectionConfig windows must be > 0 (stream_window={self.stream_window}, "
                 f"connection_window={self.connection_window}): the peer could never send data"
             )
+        if self.stream_credit is not None and not 0 <= self.stream_credit <= self.stream_window:
+            raise ConfigError(
+                f"ConnectionConfig.stream_credit={self.stream_credit} is outside "
+                f"0..stream_window ({self.stream_window})"
+            )
+
+    @property
+    def open_credit(self) -> int:
+        """Credit a stream the peer opens gets at once."""
+        return self.stream_window if self.stream_credit is None else self.stream_credit
 
     def hello_settings(self) -> dict[str, int]:
         """The settings this side announces in its HELLO header."""
-        return {name: getattr(self, name) for name in _SETTING_RANGES}
+        settings = {name: getattr(self, name) for name in _SETTING_RANGES}
+        settings["stream_credit"] = self.open_credit
+        return settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +81,7 @@ class PeerSettings:
     connection_window: int
     max_streams: int
     max_pending_requests: int
+    stream_credit: int  # credit each stream we open gets at once (the rest comes as CREDIT)
 
     @classmethod
     def from_hello(cls, header: Mapping[str, Any]) -> PeerSettings:
@@ -80,4 +100,13 @@ class PeerSettings:
                     f"HELLO setting {HELLO_SETTINGS_KEY}.{name}={value!r} is outside {low}..{high}"
                 )
             values[name] = value
-        return cls(**values)
+        credit = announced.get("stream_credit", values["stream_window"])
+        if isinstance(credit, bool) or not isinstance(credit, int):
+            credit = -1
+        if not 0 <= credit <= values["stream_window"]:
+            raise UnexpectedFrameError(
+                f"HELLO setting {HELLO_SETTINGS_KEY}.stream_credit="
+                f"{announced.get('stream_credit')!r} is outside 0..stream_window "
+                f"({values['stream_window']})"
+            )
+        return cls(**values, stream_credit=credit)

@@ -25,9 +25,13 @@ Protocol rules beyond the per-stream table (states.py):
 - RESUME travels receiver -> sender on an open stream with the chunks the receiver already holds
   (`send_resume`); the sender's application gets `ResumeReceived` and skips them. sfm does not
   interpret the header: resuming is the transfer layer's business.
-- The receiver checks END (chunk count, payload bytes, digest; see digest.py). On success it sends
-  an ACK whose offset is the chunk count (the sender gets `StreamCompleted`) and reports
-  `StreamEnded`; on failure it sends RESET and reports `StreamFailed`.
+- The receiver checks END (chunk count, payload bytes, digest; see digest.py). On success it reports
+  `StreamEnded` and sends an ACK whose offset is the chunk count (the sender gets
+  `StreamCompleted`): at once, or with `ack_on_end=False` when the application calls
+  `complete_stream()` (the ACK is then its verdict); on failure it sends RESET and reports
+  `StreamFailed`.
+- A stream the peer opens gets `stream_credit` at once (announced in HELLO; default the whole
+  stream_window) and the rest of its window when the application calls `grant_stream()`.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ class Connection(ConnectionCore):
             )
         stream_id = self._take_id("_next_stream_id")
         stream = StreamRecord(stream_id, Role.SENDER)
-        stream.send_window = SendWindow(self._peer.stream_window if self._peer else 0, "stream")
+        stream.send_window = SendWindow(self._peer.stream_credit if self._peer else 0, "stream")
         self._send(FrameType.OPEN, stream_id=stream_id, header=header)
         self._streams[stream_id] = stream
         self._step(stream, StreamInput.SEND_OPEN)
@@ -308,6 +312,27 @@ class Connection(ConnectionCore):
             self._send(FrameType.CREDIT, stream_id=stream_id, offset=stream_grant)
         self._retire_if_done(stream)
 
+    def grant_stream(self, stream_id: int) -> None:
+        """Give a stream the peer opened the rest of its window (withheld by `stream_credit`)."""
+        stream = self._local_stream(stream_id, Role.RECEIVER)
+        assert stream.recv_window is not None
+        if stream.state is not StreamState.OPEN:
+            return  # ended or reset: nothing more will be sent on it
+        grant = stream.recv_window.open_up()
+        if grant:
+            self._step(stream, StreamInput.SEND_CREDIT)
+            self._send(FrameType.CREDIT, stream_id=stream_id, offset=grant)
+
+    def complete_stream(self, stream_id: int) -> None:
+        """Send the final ACK of a stream whose END checked out: the sender's `StreamCompleted`.
+
+        With `ack_on_end=False` this is the application's verdict that it took the whole stream."""
+        stream = self._local_stream(stream_id, Role.RECEIVER)
+        next_state(stream.role, stream.state, StreamInput.SEND_ACK, stream_id)
+        self._send(FrameType.ACK, stream_id=stream_id, offset=stream.digest.chunks)
+        self._step(stream, StreamInput.SEND_ACK)
+        self._retire_if_done(stream)
+
     # --- requests ------------------------------------------------------------------------------
 
     def send_request(self, header: Mapping[str, Any], body: Buffer = b"") -> int:
@@ -375,7 +400,7 @@ class Connection(ConnectionCore):
         self._conn_send.grant(peer.connection_window)
         for stream in self._live(Role.SENDER):
             assert stream.send_window is not None
-            stream.send_window.grant(peer.stream_window)
+            stream.send_window.grant(peer.stream_credit)
         self._events.append(HelloReceived(frame.header))
         self._events.append(CreditGranted(CONNECTION_WINDOW_ID))
 
@@ -408,7 +433,8 @@ class Connection(ConnectionCore):
             )
         self._highest_peer_stream = stream_id
         stream = StreamRecord(stream_id, Role.RECEIVER)
-        stream.recv_window = ReceiveWindow(self._config.stream_window, "stream")
+        config = self._config
+        stream.recv_window = ReceiveWindow(config.stream_window, "stream", config.open_credit)
         self._streams[stream_id] = stream
         self._step(stream, StreamInput.RECV_OPEN)
         if self._goaway_sent:
@@ -451,10 +477,9 @@ class Connection(ConnectionCore):
             return
         problem = verify_end(stream, frame.header)
         if problem is None:
-            self._send(FrameType.ACK, stream_id=stream.stream_id, offset=stream.digest.chunks)
-            self._step(stream, StreamInput.SEND_ACK)
             self._events.append(StreamEnded(stream.stream_id, frame.header))
-            self._retire_if_done(stream)
+            if self._config.ack_on_end:
+                self.complete_stream(stream.stream_id)
         else:
             self._send_reset(stream, type(problem).__name__, str(problem))
             self._events.append(StreamFailed(stream.stream_id, problem))

@@ -62,12 +62,14 @@ class SendWindow:
 class ReceiveWindow:
     """Credit we have granted the peer, and what the application still holds of its data."""
 
-    __slots__ = ("_available", "_name", "_owed", "_size", "_unconsumed")
+    __slots__ = ("_available", "_name", "_owed", "_size", "_unconsumed", "_withheld")
 
-    def __init__(self, size: int, name: str) -> None:
+    def __init__(self, size: int, name: str, initial: int | None = None) -> None:
         _check_size(size, f"{name} window")
         self._size = size
-        self._available = size  # bytes the peer may still send
+        opening = size if initial is None else initial
+        self._available = opening  # bytes the peer may still send
+        self._withheld = size - opening  # not granted yet: `open_up()` grants it
         self._unconsumed = 0  # received, not yet consumed by the application
         self._owed = 0  # consumed, not yet granted back
         self._name = name
@@ -104,6 +106,12 @@ class ReceiveWindow:
         if self._owed >= max(1, self._size // 4) or (self._unconsumed == 0 and self._owed):
             return self._take_owed()
         return 0
+
+    def open_up(self) -> int:
+        """Grant what was withheld at the start; returns the credit to send (0 if none)."""
+        grant, self._withheld = self._withheld, 0
+        self._available += grant
+        return grant
 
     def release_all(self) -> int:
         """Treat everything received as consumed (stream abandoned); return the credit to grant."""

@@ -19,8 +19,8 @@ from transport.exceptions import (
     DigestMismatchError,
     IdleTimeoutError,
     IntegrityError,
-    ProtocolError,
     StreamResetError,
+    StreamStateError,
     TensorwireError,
     TransferCancelledError,
     UnexpectedFrameError,
@@ -159,8 +159,8 @@ class IncomingState:
             return None
         return self.lost_since + idle_timeout
 
-    def give_up(self, idle_timeout: float) -> None:
-        self.fail(
+    def give_up(self, idle_timeout: float) -> list[tuple[StreamKey, str, str]]:
+        return self.fail(
             IdleTimeoutError(
                 f"transfer {self.transfer_id}: the sender did not come back within "
                 f"{idle_timeout:g} s after the connection was lost"
@@ -170,6 +170,9 @@ class IncomingState:
     # --- the application's side ------------------------------------------------------------
 
     def take(self) -> None:
+        """The application takes the transfer; one that already ended raises why it did."""
+        if self.state in TERMINAL:
+            raise self.error or StreamStateError(f"transfer {self.transfer_id} already ended")
         self._step(In.TAKE)
         if self.lost_since is not None:
             self._step(In.LOSE)
@@ -202,13 +205,15 @@ class IncomingState:
         self._step(In.REJECT)
         return [(key, headers.REJECTED, reason) for key in self.current]
 
-    def fail(self, error: TensorwireError) -> list[tuple[StreamKey, str, str]]:
-        """A final error here: the resets that tell the sender why."""
+    def fail(
+        self, error: TensorwireError, code: str | None = None
+    ) -> list[tuple[StreamKey, str, str]]:
+        """A final error here: the resets that tell the sender why (`code` or receiver_failed)."""
         if self.state in TERMINAL:
             return []
         self._step(In.FAIL)
         self.error = self.error or error
-        code = headers.REJECTED if isinstance(error, StreamResetError) else headers.RECEIVER_FAILED
+        code = code or headers.RECEIVER_FAILED
         reason = f"{type(error).__name__}: {error}"
         return [(key, code, reason) for key in self.current]
 
@@ -290,8 +295,3 @@ class IncomingRegistry:
 
     def transfers(self) -> list[IncomingState]:
         return list({id(t): t for t in self._routes.values()}.values())
-
-    def check_data(self, key: StreamKey, index: int, chunk_count: int) -> None:
-        """An index beyond the plan is the peer's protocol breach."""
-        if not 0 <= index < chunk_count:
-            raise ProtocolError(f"chunk index {index} beyond the plan's {chunk_count} chunks")

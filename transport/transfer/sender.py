@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from transport.exceptions import (
+    ConnectionClosedError,
     IdleTimeoutError,
     StreamResetError,
     TensorwireError,
@@ -33,7 +34,7 @@ class OutgoingTransfer:
         transfer_id: str,
         kind: str,
         content: Mapping[str, Any],
-        chunk_count: int,
+        chunk_sizes: list[int],
         *,
         idle_timeout: float,
         now: float,
@@ -41,7 +42,11 @@ class OutgoingTransfer:
         self.transfer_id = transfer_id
         self.kind = kind
         self._content = dict(content)
-        self.chunk_count = chunk_count
+        self._sizes = chunk_sizes
+        self.chunk_count = len(chunk_sizes)
+        self.total_bytes = sum(chunk_sizes)
+        self.done_bytes = 0  # bytes of chunks the receiver holds or that went out (progress)
+        self._done: set[int] = set()
         self.idle_timeout = idle_timeout
         self.state = TransferState.IDLE
         self.attempt = -1
@@ -90,6 +95,8 @@ class OutgoingTransfer:
         if self._step(In.RESUME):
             self.held |= indices
             self.progressed_at = now
+            for index in indices:
+                self._count_done(index)
 
     def remaining(self) -> list[int]:
         """Chunk indices the receiver still lacks, in order."""
@@ -104,6 +111,12 @@ class OutgoingTransfer:
         self.checksums[index] = checksum
         self.bytes_sent += nbytes
         self.progressed_at = now
+        self._count_done(index)
+
+    def _count_done(self, index: int) -> None:
+        if index not in self._done:
+            self._done.add(index)
+            self.done_bytes += self._sizes[index]
 
     def missing_checksums(self) -> list[int]:
         """Chunks held by the receiver from an attempt this process never sent (a transfer id
@@ -132,6 +145,10 @@ class OutgoingTransfer:
         False: the transfer is over (see `error`)."""
         if code in (headers.SUPERSEDED, headers.STALE):
             return self.on_lost(StreamResetError(f"receiver: {reason}", code=code), now)
+        if code == headers.CLOSING:
+            gone = ConnectionClosedError(f"the receiver closed its endpoint: {reason}")
+            self._finish(In.FAIL, gone)
+            return False
         if code == headers.REJECTED:
             error: TensorwireError = TransferRejectedError(
                 f"the receiver rejected transfer {self.transfer_id}: {reason}", code=code
