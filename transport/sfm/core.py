@@ -126,8 +126,12 @@ class ConnectionCore:
     def _release(self, stream: StreamRecord) -> None:
         """The stream is reset: what the application still holds of it is credit given back."""
         if stream.recv_window is not None:
-            freed = stream.recv_window.release_all()
-            self._grant_connection(self._conn_recv.consume(freed) if freed else 0)
+            # Only the bytes the application still holds go back to the connection window:
+            # what it consumed before the reset was counted there already (counting it again
+            # raised "consumed N bytes but only M unconsumed" out of the read path).
+            held = stream.recv_window.unconsumed
+            stream.recv_window.release_all()
+            self._grant_connection(self._conn_recv.consume(held) if held else 0)
         self._retire_if_done(stream)
 
     def _grant_connection(self, nbytes: int) -> None:
