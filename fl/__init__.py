@@ -8,5 +8,6 @@ API.
     fl.server      FLServer: clients, tasks, results;  fl.protocol: the FL messages
     fl.daemons     `tensorwire server` / `client`;  fl.config: their TOML/YAML configuration
     fl.demo        `tensorwire demo`;  fl.task: the generated training task
+    fl.sizes       "1GiB" in flags and configs (pydantic ByteSize);  fl.rss: peak RSS probe
 See docs/fl.md.
 """

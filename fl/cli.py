@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-from typing import Annotated
+import subprocess
+import sys
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +15,7 @@ from fl.cli_ops import QuietOption, register_ops_commands
 from fl.daemons_cli import client as fl_client
 from fl.daemons_cli import demo as fl_demo
 from fl.daemons_cli import server as fl_server
+from fl.sizes import format_size, parse_size
 
 app = typer.Typer(
     name="tensorwire",
@@ -46,24 +48,14 @@ def stream_demo(
 ) -> None:
     """Stream a generated state dict between two local endpoints (two processes) and report
     throughput and each side's peak memory above its baseline."""
-    from benchmarks import stream
-    from benchmarks.probes import format_size
-
-    # The stream benchmark's own parser fills every setting it has, so this command cannot
-    # drift from it when the benchmark grows an option.
-    parser = argparse.ArgumentParser(prog="tensorwire stream-demo", exit_on_error=False)
-    stream.add_arguments(parser)
     try:
-        args = parser.parse_args(["--size", size, "--driver", driver, *(["--tls"] if tls else [])])
-    except argparse.ArgumentError as error:
-        raise typer.BadParameter(str(error)) from None
-    args.quiet = quiet or as_json
+        nbytes = parse_size(size)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--size") from None
     if not as_json:
-        scheme = stream.scheme({"driver": driver, "tls_dir": tls})
-        typer.echo(
-            f"streaming {format_size(args.size)} of bf16 tensors over {scheme}://127.0.0.1 ..."
-        )
-    result = stream.run(args)
+        scheme = f"{driver}s" if tls and driver != "memory" else driver
+        typer.echo(f"streaming {format_size(nbytes)} of bf16 tensors over {scheme}://127.0.0.1 ...")
+    result = _run_stream_benchmark(nbytes, driver, tls, quiet=quiet or as_json)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -77,6 +69,26 @@ def stream_demo(
     )
     if not result["digest_ok"]:
         raise typer.Exit(1)
+
+
+def _run_stream_benchmark(nbytes: int, driver: str, tls: bool, quiet: bool) -> dict[str, Any]:
+    """`python -m benchmarks stream ... --json` in a child process; its JSON result.
+
+    A child, not an import: fl never imports benchmarks (the layering in DESIGN.md). The
+    benchmark's own parser still checks every setting (a bad --driver is refused there), so this
+    command cannot drift from it. Our stderr is the child's: it draws the progress bar there when
+    that is a terminal, and reports its errors there.
+    """
+    command = [sys.executable, "-m", "benchmarks", "stream", "--json"]
+    command += ["--size", str(nbytes), "--driver", driver]
+    command += (["--tls"] if tls else []) + (["--quiet"] if quiet else [])
+    child = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if child.returncode != 0:
+        typer.echo(f"error: the stream benchmark exited with status {child.returncode}", err=True)
+        raise typer.Exit(child.returncode)
+    # --json prints the result as the last line; anything a library printed before is not ours.
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 _Config = TypeVar("_Config", bound=BaseModel)
 
@@ -35,7 +35,9 @@ class FedAvgSettings(_Strict):
     wait_after_min: float | None = Field(None, ge=0)
     join_timeout: float = Field(300.0, gt=0)
     initial_model: str | None = None  # a safetensors file; None: the built-in task's MLP
-    model_size: str = "0"  # padding for the built-in task's MLP, e.g. "1GiB"
+    # Padding for the built-in task's MLP, e.g. "1GiB", "256MiB" or a number of bytes; a
+    # ByteSize, so a bad spelling is refused with the config's other errors, before any work.
+    model_size: ByteSize = ByteSize(0)
     accumulator_dir: str | None = None  # keep the sums (and new models) in files here
     save_path: str | None = None  # write the final model here (safetensors)
 

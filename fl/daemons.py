@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from benchmarks.probes import parse_size
 from fl.client import EXIT_NOT_ADMITTED, ClientSettings, FLClient, NotAdmitted, bound_to
 from fl.config import ClientConfig, FedAvgSettings, ServerConfig
 from fl.controller import Controller
@@ -50,7 +49,7 @@ def server_endpoint_config(config: ServerConfig) -> EndpointConfig:
 def initial_model(settings: FedAvgSettings) -> FLModel:
     if settings.initial_model:
         return Controller.load_model(settings.initial_model)
-    return FLModel(params=MLP(padding_bytes=parse_size(settings.model_size)).state_dict())
+    return FLModel(params=MLP(padding_bytes=int(settings.model_size)).state_dict())
 
 
 def build_fedavg(settings: FedAvgSettings) -> FedAvg:

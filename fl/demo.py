@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.probes import RssSampler, format_size, parse_size
 from fl.client import ClientSettings
 from fl.fedavg import FedAvg, RoundReport
 from fl.model import FLModel, params_nbytes
+from fl.rss import RssSampler
 from fl.server import FLServer
+from fl.sizes import format_size, parse_size
 from fl.task import MLP, evaluate, held_out_data
 from transport import progress
 

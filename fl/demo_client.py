@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.probes import RssSampler
 from fl import client as flare
+from fl.rss import RssSampler
 from fl.task import MLP, evaluate, held_out_data, local_data, train
 
 
