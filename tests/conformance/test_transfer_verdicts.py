@@ -168,7 +168,7 @@ async def test_a_receiver_that_closes_fails_the_sender_at_once(setup: Setup) -> 
         sending = asyncio.ensure_future(peer.send_state_dict(state_dict(16)))
         await anext(server.incoming())  # announced, never taken
         await server.close()
-        with pytest.raises(ConnectionClosedError, match="closed its endpoint|closing"):
+        with pytest.raises(ConnectionClosedError, match=r"closed its endpoint|closing"):
             await sending
 
 
