@@ -1,4 +1,5 @@
-"""Shared helpers for the payload tests: random tensors of every dtype and a full round trip."""
+"""Shared helpers for the payload tests: random tensors of every dtype, a full round trip, and a
+model with tied weights."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ def stream(source: Source, sink: Sink, *, check_safetensors: bool = False) -> An
         sink.write(chunk, decode_chunk(manifest, chunk, blob))
         source.release(chunk)
     return sink.commit()
+
+
+class TiedLM(torch.nn.Module):
+    """The smallest language model with tied input and output embeddings."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+        # Seeded without touching torch's global generator, which other tests may rely on.
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for parameter in self.parameters():  # the tied weight once
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))

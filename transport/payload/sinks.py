@@ -555,7 +555,7 @@ class DigestSink(Sink):
         self.chunks = self.tensors = self.bytes = 0
 
     def write(self, chunk: Chunk, pieces: Sequence[tuple[Piece, memoryview]]) -> None:
-        """Count; a tensor counts when its last byte range arrives."""
+        """Count; a tensor counts when its last byte range arrives (never an alias: it has none)."""
         manifest = self._manifest
         if manifest is None:
             raise PayloadError("DigestSink: open(manifest) must be called first")
