@@ -30,6 +30,7 @@ class RawReceiver:
 
     data: bytearray = field(default_factory=bytearray)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    credited: asyncio.Event = field(default_factory=asyncio.Event)  # a CREDIT frame arrived
     _buffer: bytearray = field(default_factory=lambda: bytearray(1 << 16))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -37,6 +38,8 @@ class RawReceiver:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data += self._buffer[:nbytes]
+        if any(frame.type is FrameType.CREDIT for frame in self.frames()):
+            self.credited.set()
 
     def eof_received(self) -> None:
         self.closed.set()
@@ -81,11 +84,23 @@ class Arena:
     url: str
     honest: asyncio.Future[int]
 
-    async def attack(self, payload: bytes | list[bytes], *, close: bool = False) -> RawReceiver:
-        """Connect raw, write `payload` (pieces in order), and wait until the server hangs up."""
+    async def attack(
+        self,
+        payload: bytes | list[bytes],
+        *,
+        close: bool = False,
+        once_credited: list[bytes] = (),  # type: ignore[assignment]
+    ) -> RawReceiver:
+        """Connect raw, write `payload` (pieces in order), then `once_credited` after the server
+        granted credit (a stream gets it once the application takes its transfer), and wait
+        until the server hangs up."""
         receiver = RawReceiver()
         connection = await driver_for(self.url).connect(self.url, receiver)
         for piece in payload if isinstance(payload, list) else [payload]:
+            await connection.send([piece])
+        if once_credited:
+            await asyncio.wait_for(receiver.credited.wait(), 10)
+        for piece in once_credited:
             await connection.send([piece])
         if close:
             await connection.close()

@@ -84,10 +84,19 @@ async def test_data_beyond_the_granted_credit(arena: Arena) -> None:
     await arena.honest_completes()
 
 
+async def test_data_before_the_transfer_was_taken(arena: Arena) -> None:
+    """A transfer the application has not taken has no credit: DATA for it breaks flow control."""
+    frames = [hello(), _open(1, _manifest(shape=[64, MIB // 4]), hold=True)]
+    frames.append(raw(FrameType.DATA, stream_id=1, offset=0, payload=bytes(16)))
+    seen = await arena.attack(frames)
+    assert seen.goaway_code() == "FlowControlError"
+    await arena.honest_completes()
+
+
 async def test_chunk_that_does_not_match_the_plan(arena: Arena) -> None:
     frames = [hello(), _open(1, _manifest(shape=[64, MIB // 4]))]
-    frames.append(raw(FrameType.DATA, stream_id=1, offset=0, payload=os.urandom(MIB)))
-    seen = await arena.attack(frames)
+    data = raw(FrameType.DATA, stream_id=1, offset=0, payload=os.urandom(MIB))
+    seen = await arena.attack(frames, once_credited=[data])
     assert seen.goaway_code() == "ChunkError"
     await arena.honest_completes()
 

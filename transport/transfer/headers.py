@@ -66,8 +66,6 @@ class OpenHeader:
         stripes = header.get("stripes", 1)
         if type(stripes) is not int or not 1 <= stripes <= MAX_STRIPES:
             raise ManifestError(f"stripes must be an int in 1..{MAX_STRIPES}, got {stripes!r}")
-        if kind == STATE_DICT and transfer is None:
-            raise ManifestError("a state dict transfer must carry a transfer id")
         size = header.get("size")
         meta = header.get("meta", {})
         return cls(
