@@ -183,6 +183,7 @@ class FLClient:
         self._stopped = False
         self._background: list[asyncio.Task[None]] = []
         self._inflight: asyncio.Future[Any] | None = None
+        self._inflight_is_send = False
         self._loop_thread: _LoopThread | None = None
 
     # --- async API -------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class FLClient:
         nbytes = params_nbytes(model.params)
         try:
             with self._progress(nbytes, f"round {task.round + 1} result", "sent"):
-                return await self._stoppable(sending)
+                return await self._stoppable(sending, sending=True)
         except StreamResetError as refusal:
             log.warning("the server did not take this result: %s", refusal)
             return None
@@ -264,12 +265,13 @@ class FLClient:
         wanted = None if self.settings.progress else False  # None: on a terminal only
         return progress.transfer_progress(nbytes, description, direction, enabled=wanted)
 
-    async def _stoppable(self, operation: Awaitable[_T]) -> _T:
+    async def _stoppable(self, operation: Awaitable[_T], *, sending: bool = False) -> _T:
         """Run a receive or send that a stop from the server cancels (raising JobStopped)."""
         if self.stop_reason is not None:
             raise JobStopped(self.stop_reason)
         running = asyncio.ensure_future(operation)
         self._inflight = running
+        self._inflight_is_send = sending
         try:
             return await running
         except asyncio.CancelledError:
@@ -404,7 +406,10 @@ class FLClient:
         if self.stop_reason is None and self._queue is not None:
             self.stop_reason = reason
             self._queue.put_nowait(None)
-            if self._inflight is not None:
+            # A receive is cancelled; a send is not: its verdict may already be on the wire
+            # ahead of this STOP (the server took the result), and if the server did not take
+            # it, closing its endpoint fails the send at once anyway.
+            if self._inflight is not None and not self._inflight_is_send:
                 self._inflight.cancel()
 
     async def _heartbeat(self) -> None:
