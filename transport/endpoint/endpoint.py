@@ -261,7 +261,7 @@ class Endpoint:
             self._peers[link] = known  # an extra connection of a striped transfer
             return
         if known is not None:
-            known.replace_link(link)
+            known._replace_link(link)
             self._peers[link] = known
             return
         peer = Peer(self, link)

@@ -49,8 +49,8 @@ class Peer:
         self._closing = False
         self._stripes: list[Link] = []  # extra connections a striped transfer uses
         self.reconnects = 0
-        self.clock = endpoint.clock
-        self.idle_timeout = endpoint.config.idle_timeout
+        self._clock = endpoint.clock
+        self._idle_timeout = endpoint.config.idle_timeout
 
     @property
     def info(self) -> PeerInfo | None:
@@ -117,7 +117,7 @@ class Peer:
         file_path = Path(path)
         size = (await asyncio.to_thread(file_path.stat)).st_size
         info = {"name": file_path.name, **(meta or {})}
-        link = await self.live_link()
+        link = await self._live_link()
         blocks = file_blocks(file_path, self._endpoint.config.chunk_size, link.stream_window)
         return await send_blocks(link, blocks, info, size=size)
 
@@ -134,7 +134,7 @@ class Peer:
         window as `send_file` does)."""
         self._endpoint.check_loop()
         limit = self._endpoint.config.chunk_size
-        return await send_blocks(await self.live_link(), _bounded(blocks, limit), meta)
+        return await send_blocks(await self._live_link(), _bounded(blocks, limit), meta)
 
     async def request(
         self, header: Mapping[str, Any], body: Buffer = b""
@@ -143,7 +143,7 @@ class Peer:
 
         Not retried after a dropped connection: a request may not be safe to repeat."""
         self._endpoint.check_loop()
-        return await (await self.live_link()).request(header, body)
+        return await (await self._live_link()).request(header, body)
 
     async def close(self) -> None:
         self._closing = True
@@ -156,14 +156,14 @@ class Peer:
 
     # --- staying connected -----------------------------------------------------------------------
 
-    async def live_link(self) -> Link:
+    async def _live_link(self) -> Link:
         """The current connection, or a new one if it dropped."""
         link = self._link
         if link.error is None:
             return link
-        return await self.recover(link, link.error)
+        return await self._recover(link, link.error)
 
-    async def recover(self, failed: Link, error: BaseException) -> Link:
+    async def _recover(self, failed: Link, error: BaseException) -> Link:
         """Replace a failed link: reconnect if we dialed, else wait for the peer to come back."""
         async with self._recovering:
             if self._link is not failed and self._link.error is None:
@@ -182,10 +182,10 @@ class Peer:
             metrics.reconnected()
             return self._link
 
-    async def stripe_links(self, count: int) -> list[Link]:
+    async def _stripe_links(self, count: int) -> list[Link]:
         """`count` live connections to the peer: ours first, then extra ones opened as needed
         (only a peer we dialed can be striped; fewer come back if extra dials fail)."""
-        primary = await self.live_link()
+        primary = await self._live_link()
         if count <= 1 or self._url is None:
             return [primary]
         self._stripes = [link for link in self._stripes if link.error is None]
@@ -196,15 +196,15 @@ class Peer:
                 break  # stripe over what we have; the next attempt tries again
         return [primary, *self._stripes[: count - 1]]
 
-    async def recover_stripes(self, links: list[Link], error: TensorwireError) -> None:
+    async def _recover_stripes(self, links: list[Link], error: TensorwireError) -> None:
         """After a failed attempt: bring the main connection back if it was lost (failed extra
-        ones are simply reopened by the next stripe_links)."""
+        ones are simply reopened by the next _stripe_links)."""
         if links[0].error is not None:
-            await self.recover(links[0], error)
+            await self._recover(links[0], error)
         else:
             self.reconnects += 1
 
-    def replace_link(self, link: Link) -> None:
+    def _replace_link(self, link: Link) -> None:
         """A new connection from the same peer takes the old one's place."""
         self._link = link
         self._relinked.set()
@@ -212,7 +212,7 @@ class Peer:
     async def _reconnect(self, error: BaseException, *, once: bool = False) -> None:
         """Dial again with backoff until idle_timeout; a peer that closed its endpoint cleanly
         gets one try (it may have restarted), not a whole idle_timeout of them."""
-        config, clock = self._endpoint.config, self.clock
+        config, clock = self._endpoint.config, self._clock
         deadline = clock.now() + config.idle_timeout
         delay = config.reconnect_initial_delay
         assert self._url is not None
@@ -230,7 +230,7 @@ class Peer:
             delay = min(delay * 2, config.reconnect_max_delay)
 
     async def _await_return(self, failed: Link, error: BaseException) -> None:
-        timeout, clock = self._endpoint.config.idle_timeout, self.clock
+        timeout, clock = self._endpoint.config.idle_timeout, self._clock
         deadline = clock.now() + timeout
         while self._link is failed or self._link.error is not None:
             self._relinked.clear()

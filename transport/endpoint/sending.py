@@ -68,11 +68,12 @@ class TransferResult:
 class Relinker(Protocol):
     """What a sender needs from its peer: live links, a way back after a failure, the clock."""
 
-    clock: Clock
+    _clock: Clock
+    _idle_timeout: float
 
-    async def stripe_links(self, count: int) -> list[Link]: ...
+    async def _stripe_links(self, count: int) -> list[Link]: ...
 
-    async def recover_stripes(self, links: list[Link], error: TensorwireError) -> None: ...
+    async def _recover_stripes(self, links: list[Link], error: TensorwireError) -> None: ...
 
 
 # --- buffers the driver may still read --------------------------------------------------------
@@ -122,7 +123,7 @@ async def send_source(
     """Stream every chunk of `source` (over `stripes` parallel connections); resume after
     connection loss; return once the receiver committed the whole transfer, raise its reason
     otherwise. Cancelling it tells the receiver at once (a final "cancelled" reset)."""
-    manifest, clock = source.manifest, peer.clock
+    manifest, clock = source.manifest, peer._clock
     chunks = plan_chunks(manifest)
     content = {"manifest": manifest.to_header(), "meta": dict(meta or {})}
     transfer = OutgoingTransfer(
@@ -130,12 +131,12 @@ async def send_source(
         STATE_DICT,
         content,
         [chunk.nbytes for chunk in chunks],
-        idle_timeout=_idle_timeout(peer),
+        idle_timeout=peer._idle_timeout,
         now=clock.now(),
     )
     started = time.perf_counter()
     while True:
-        links = await peer.stripe_links(stripes)
+        links = await peer._stripe_links(stripes)
         streams: list[tuple[Link, int]] = []
         try:
             await _striped_attempt(links, streams, source, codec, transfer, chunks, progress)
@@ -148,7 +149,7 @@ async def send_source(
                 raise (transfer.error or error) if _is_verdict(error) else error from None
             lost = error
         assert isinstance(lost, TensorwireError)
-        await peer.recover_stripes(links, lost)
+        await peer._recover_stripes(links, lost)
     return TransferResult(
         streams[0][1],
         STATE_DICT,
@@ -160,10 +161,6 @@ async def send_source(
         transfer.bytes_sent,
         transfer.digest,
     )
-
-
-def _idle_timeout(peer: Relinker) -> float:
-    return float(getattr(peer, "idle_timeout", 120.0))
 
 
 def _decide(transfer: OutgoingTransfer, error: BaseException, now: float) -> bool:
