@@ -75,7 +75,9 @@ async def test_connecting_to_a_plain_web_server_is_a_connect_error() -> None:
 
     app = web.Application()
     app.router.add_post(CONNECT_PATH, hello)
-    runner = web.AppRunner(app)
+    # lingering_time=0: at cleanup the foreign server does not wait (10 s by default, on the
+    # stdlib loop) for the rest of a request body the refused driver never finished.
+    runner = web.AppRunner(app, lingering_time=0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
