@@ -1,4 +1,5 @@
-"""The conformance suite runs every test over every driver, with TLS off and on."""
+"""The conformance suite runs every test over every driver, with TLS off and on (but the 2 GiB
+stream, which runs once per driver family: see test_a_2_gib_stream)."""
 
 from __future__ import annotations
 
