@@ -25,8 +25,9 @@ from transport.exceptions import (
     TransportError,
 )
 
-# How long a send() must stay blocked to count as blocked: long enough for any buffer to drain.
-BLOCKED_FOR_S = 0.5
+# A sender counts as blocked once it made no progress for this long (and is not done): ample for
+# a tiny buffer to drain into the peer's, and for 16 MiB to go if send() did not block at all.
+STALLED_FOR_S = 0.1
 PATTERN = random.Random(0).randbytes(256 * KiB)
 
 
@@ -279,17 +280,23 @@ async def start_blocked_sender(
     listener = await harness.listen(paused_receiver)
     conn = await harness.connect(listener.url, RecordingReceiver())
     part = memoryview(PATTERN)  # one buffer, sent again and again
+    sends = 0
 
     async def send_16_mib() -> int:
-        sent = 0
+        nonlocal sends
         for _ in range(64):
             await conn.send([b"header", part])
-            sent += 6 + len(part)
-        return sent
+            sends += 1
+        return sends * (6 + len(part))
 
     sender = asyncio.get_running_loop().create_task(send_16_mib())
-    done, _ = await asyncio.wait({sender}, timeout=BLOCKED_FOR_S)
-    assert not done, "send() kept going although the receiver paused reading"
+    async with asyncio.timeout(10):  # wait for the sends to stop moving, not a fixed time
+        while True:
+            before = sends
+            done, _ = await asyncio.wait({sender}, timeout=STALLED_FOR_S)
+            assert not done, "send() kept going although the receiver paused reading"
+            if sends == before:
+                break
     return conn, sender, await harness.accepted_receiver()
 
 
