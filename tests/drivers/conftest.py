@@ -191,16 +191,21 @@ class DriverUnderTest:
         return conn
 
     async def aclose(self) -> None:
-        for conn in [*self.connections, *(conn for conn, _ in self.accepted)]:
+        connections = [*self.connections, *(conn for conn, _ in self.accepted)]
+        echoes = [r.task for _, r in self.accepted if isinstance(r, EchoReceiver)]
+        for conn in connections:
             conn.abort()
-        for _, receiver in self.accepted:
-            if isinstance(receiver, EchoReceiver):
-                receiver.task.cancel()
+        for task in echoes:
+            task.cancel()
         for listener in self.listeners:
             await listener.close()
-        # Let connection_lost callbacks (and aiohttp's client sessions) finish before the loop
-        # closes.
-        await asyncio.sleep(0.05 if self.kind in HTTP_KINDS else 0.01)
+        # Wait until every connection is gone and released (close() returns then, whoever
+        # closed it; aiohttp's client sessions included), and the echo tasks ended, before the
+        # loop closes; then one more turn for the connection_lost callbacks already scheduled.
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(conn.close() for conn in connections), return_exceptions=True)
+            await asyncio.gather(*echoes, return_exceptions=True)
+        await asyncio.sleep(0)
 
 
 def make_driver_under_test(kind: str, certs: Certs, *, small_buffers: bool) -> DriverUnderTest:
