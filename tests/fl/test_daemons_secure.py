@@ -50,10 +50,17 @@ def _server(tmp_path: Path, pki: Path, scheme: str) -> subprocess.Popen[str]:
     return subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, text=True)
 
 
-def _client(
-    tmp_path: Path, url: str, site: str, *, pki: Path | None, token: str, in_process: bool = False
-) -> subprocess.CompletedProcess[str]:
-    config = tmp_path / f"{site}-{token}.toml"
+def _start_client(
+    tmp_path: Path,
+    url: str,
+    site: str,
+    *,
+    pki: Path | None,
+    token: str,
+    label: str,
+    in_process: bool = False,
+) -> subprocess.Popen[str]:
+    config = tmp_path / f"{label}.toml"
     lines = [
         f'server = "{url}"',
         f'site = "{site}"',
@@ -67,44 +74,63 @@ def _client(
     config.write_text("\n".join(lines) + "\n")
     command = [*CLI, "client", "--config", str(config), "--quiet"]
     command += ["--in-process"] if in_process else []
-    return subprocess.run(
+    return subprocess.Popen(
         [*command, "--", "--site", "0"],
         env=ENV,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
     )
+
+
+def _finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("scheme", ["grpcs", "tcps", "https"])
 def test_admitted_site_runs_and_others_are_refused(tmp_path: Path, pki: Path, scheme: str) -> None:
     server = _server(tmp_path, pki, scheme)
+    clients: list[subprocess.Popen[str]] = []
     try:
         url = read_url(server)
         assert url.startswith(f"{scheme}://")
-        # A valid certificate whose name is not on the list: refused with the reason, once.
-        outsider = _client(tmp_path, url, "site-2", pki=pki, token="s3cret")
+        plaintext_url = url.replace(f"{scheme}://", f"{scheme[:-1]}://")
+        # The three refused clients do not depend on each other: they run at the same time.
+        clients = [
+            # A valid certificate whose name is not on the list: refused with the reason, once.
+            _start_client(tmp_path, url, "site-2", pki=pki, token="s3cret", label="outsider"),
+            # The right certificate with a wrong token, in-process: refused the same way.
+            _start_client(
+                tmp_path, url, "site-1", pki=pki, token="guess", label="wrong", in_process=True
+            ),
+            # No TLS at all: it never gets to say hello; its connect timeout is honoured (and the
+            # failed script is restarted once).
+            _start_client(
+                tmp_path, plaintext_url, "site-1", pki=None, token="s3cret", label="plaintext"
+            ),
+        ]
+        outsider, wrong, plaintext = (_finish(client) for client in clients)
         assert outsider.returncode == EXIT_NOT_ADMITTED, outsider.stderr
         assert "certificate identity 'site-2' is not allowed" in outsider.stderr
         assert "not restarting" in outsider.stdout
-        # The right certificate with a wrong token, in-process: refused the same way.
-        wrong = _client(tmp_path, url, "site-1", pki=pki, token="guess", in_process=True)
         assert wrong.returncode == EXIT_NOT_ADMITTED, wrong.stderr
         assert "did not admit this site" in wrong.stderr
         assert "no valid auth token" in wrong.stderr
-        # No TLS at all: it never gets to say hello; its connect timeout is honoured.
-        plaintext_url = url.replace(f"{scheme}://", f"{scheme[:-1]}://")
-        plaintext = _client(tmp_path, plaintext_url, "site-1", pki=None, token="s3cret")
         assert plaintext.returncode != 0
         assert "could not reach" in plaintext.stderr
         assert "within 2 s" in plaintext.stderr
-        # The admitted site: its round runs and the job ends.
-        admitted = _client(tmp_path, url, "site-1", pki=pki, token="s3cret")
+        # The admitted site, once the others are done: its round runs and the job ends.
+        clients.append(
+            _start_client(tmp_path, url, "site-1", pki=pki, token="s3cret", label="admitted")
+        )
+        admitted = _finish(clients[-1])
         assert admitted.returncode == 0, admitted.stderr
         stdout, _ = server.communicate(timeout=60)
         assert server.returncode == 0
         assert "round 1: 1 ok" in stdout
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        for process in [server, *clients]:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
