@@ -1,16 +1,14 @@
 """deploy/ cannot rot: every file parses, and every `tensorwire` command and flag it uses exists
-in the CLI (checked against `tensorwire <command> --help`)."""
+in the CLI (checked against `tensorwire <command> --help`, run in-process on the same typer app
+as the installed command: a process per command would import torch each time)."""
 
 from __future__ import annotations
 
 import configparser
 import functools
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from fl.cli import app
 from fl.config import ClientConfig, ServerConfig, load_config
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NO_COLOR": "1"}
+HELP_ENV = {"COLUMNS": "200", "NO_COLOR": "1"}  # wide help: no flag is cut short
 # The ops server's paths (transport/metrics.py) that probes may name.
 HEALTH_PATHS = {"/healthz", "/readyz", "/metrics"}
 
@@ -196,14 +196,8 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 @functools.cache
 def help_text(command: tuple[str, ...]) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "fl.cli", *command, "--help"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, f"`tensorwire {' '.join(command)}` does not exist:\n{done.stderr}"
+    done = CliRunner().invoke(app, [*command, "--help"], env=HELP_ENV)
+    assert done.exit_code == 0, f"`tensorwire {' '.join(command)}` does not exist:\n{done.output}"
     return done.stdout
 
 
