@@ -151,10 +151,20 @@ def test_daemons_draw_a_bar_per_round_and_per_transfer(tmp_path: Path) -> None:
 
 def test_fl_demo_draws_a_bar_per_round_unless_quiet() -> None:
     command = _tensorwire("demo", "--rounds", "1", "--clients", "1", "--model-size", "8MiB")
-    result, terminal = run_on_terminal(command, env=ENV)
+    # The quiet demo runs at the same time as the one drawing (each listens on its own port).
+    quiet, quiet_terminal = popen_on_terminal(
+        [*command, "--quiet"], stdout=subprocess.PIPE, env=ENV
+    )
+    try:
+        result, terminal = run_on_terminal(command, env=ENV)
+        quiet.communicate(timeout=240)
+    finally:
+        if quiet.poll() is None:
+            quiet.kill()
+            quiet.wait()
+        quiet_drawn = quiet_terminal.finish()
     assert result.returncode == 0, terminal
     assert "round 1/1 results" in terminal
     assert "100%" in terminal
-    result, terminal = run_on_terminal([*command, "--quiet"], env=ENV)
-    assert result.returncode == 0, terminal
-    assert "round 1/1 results" not in terminal
+    assert quiet.returncode == 0, quiet_drawn
+    assert "round 1/1 results" not in quiet_drawn
