@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_config
@@ -112,9 +113,23 @@ def test_sigterm_to_a_client_daemon_stops_it(tmp_path: Path) -> None:
         ],
         env=ENV,
     )
-    time.sleep(3)  # the script is retrying to connect to a closed port
-    client.send_signal(signal.SIGTERM)
-    assert client.wait(timeout=30) == 0
+    try:
+        wait_for_child(client.pid)  # the script runs (retrying to connect to a closed port)
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(timeout=30) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+
+
+def wait_for_child(pid: int, timeout: float = 60) -> None:
+    """Return once process `pid` has started a child (the client daemon, its script)."""
+    process = psutil.Process(pid)
+    deadline = time.monotonic() + timeout
+    while not process.children():
+        assert time.monotonic() < deadline, f"process {pid} started no child in {timeout:g} s"
+        time.sleep(0.05)
 
 
 def test_bad_flags_exit_2_with_the_reason() -> None:
