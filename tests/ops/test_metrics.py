@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import torch
@@ -21,8 +21,10 @@ SMALL = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ops() -> OpsServer:
+    """One ops server for the module (it serves the process's one registry; the tests compare
+    before and after, or labels of their own): closing one costs half a second of polling."""
     server = start_ops_server(0)
     yield server  # type: ignore[misc]
     server.close()
@@ -48,6 +50,17 @@ async def settle(ops: OpsServer, node: str, peer: str) -> Samples:
             return samples
         await asyncio.sleep(0.05)
     raise AssertionError(f"wire bytes never settled: out {sent} in {got}, {back} vs {back_got}")
+
+
+async def scrape_until(ops: OpsServer, done: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until `done(samples)`: a connection's counters move a little after the call that
+    ended it returned (on the loop, for both ends)."""
+    for _ in range(200):
+        samples = await asyncio.to_thread(scrape, ops.url)
+        if done(samples):
+            return samples
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never saw {what}")
 
 
 @pytest.fixture
@@ -106,14 +119,13 @@ async def test_transfer_metrics_count_completed_transfers(
     nbytes = sum(t.nbytes for t in state_dict.values())
 
     async def receive() -> None:
-        async for transfer in server.incoming():
-            await transfer.receive_into(StateDictSink())
+        for _ in range(2):  # each transfer is counted before its receive_into returns
+            await (await anext(server.incoming())).receive_into(StateDictSink())
 
     receiver = asyncio.ensure_future(receive())
     for _ in range(2):
         await peer.send_state_dict(state_dict)
-    await asyncio.sleep(0.1)  # the receiver counts after it committed
-    receiver.cancel()
+    await asyncio.wait_for(receiver, 30)
     after = await asyncio.to_thread(scrape, ops.url)
 
     def grew(name: str, **labels: str) -> float:
@@ -133,20 +145,31 @@ async def test_errors_count_by_kind_but_a_normal_close_is_none(
     server, client = pair
     url = await server.listen("tcp://127.0.0.1:0")
     before = await asyncio.to_thread(scrape, ops.url)
+    live = total(before, "tensorwire_connections_active", driver="tcp")
+
+    async def tcp_links(count: float, what: str) -> Samples:
+        def seen(samples: Samples) -> bool:
+            return total(samples, "tensorwire_connections_active", driver="tcp") == count
+
+        return await scrape_until(ops, seen, what)
+
     peer = await client.connect(url)
-    await asyncio.sleep(0.1)
+    await tcp_links(live + 2, "both ends of the connection up")
     await peer.close()
-    await asyncio.sleep(0.1)
-    middle = await asyncio.to_thread(scrape, ops.url)
+    # A link is counted (as an error or not) as it leaves the live connections: once neither end
+    # is live, both were counted.
+    middle = await tcp_links(live, "both ends of the closed connection gone")
     assert total(middle, "tensorwire_errors_total") == total(before, "tensorwire_errors_total")
     # A peer that is cut off without goodbye is an error, named by its class.
     peer = await client.connect(url)
-    await asyncio.sleep(0.1)
+    await tcp_links(live + 2, "both ends of the new connection up")
     peer._link._driver.abort()  # type: ignore[union-attr]
-    await asyncio.sleep(0.2)
-    after = await asyncio.to_thread(scrape, ops.url)
-    grown = total(after, "tensorwire_errors_total") - total(middle, "tensorwire_errors_total")
-    assert grown >= 1
+    errors = total(middle, "tensorwire_errors_total")
+    await scrape_until(
+        ops,
+        lambda samples: total(samples, "tensorwire_errors_total") > errors,
+        "an error counted for the connection cut off",
+    )
 
 
 async def test_health_endpoints() -> None:
@@ -161,11 +184,12 @@ async def test_health_endpoints() -> None:
         # A watched event loop that stops turning makes the daemon unhealthy.
         ops.stale_after = 0.2
         watcher = asyncio.ensure_future(ops.watch_loop(interval=0.05))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0)  # one turn of the loop: the watcher stamps its first tick
         assert await asyncio.to_thread(status_of, f"{ops.url}/healthz") == 200
         watcher.cancel()
-        await asyncio.sleep(0.3)
-        assert await asyncio.to_thread(status_of, f"{ops.url}/healthz") == 503
+        async with asyncio.timeout(10):  # stale_after (0.2 s) of real time without a tick
+            while await asyncio.to_thread(status_of, f"{ops.url}/healthz") != 503:
+                await asyncio.sleep(0.05)
         assert await asyncio.to_thread(status_of, f"{ops.url}/readyz") == 503
     finally:
         ops.close()
