@@ -1,9 +1,10 @@
-"""Server memory during streaming FedAvg: 3 client processes each return a 2 GiB model.
+"""Server memory during streaming FedAvg: 3 client processes each return a 1 GiB model.
 
 The server's peak RSS above its baseline must stay under one model + 512 MiB with the sums in
 memory, and under 512 MiB with the sums in a file. The models are synthetic float32 (never
 stored by the clients; the global model is never stored by the server either), so the figures
-are what aggregation and the transport cost.
+are what aggregation and the transport cost. 1 GiB is enough to tell: a server that held one
+more model (let alone one per client) would break either bound by at least 512 MiB.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fl.server import FLServer
 from tests.fl.helpers import client_settings
 from transport import EndpointConfig, SyntheticSource
 
-MODEL_BYTES = 2 * 2**30
+MODEL_BYTES = 2**30
 MIB = 2**20
 SCRIPT = Path(__file__).parent / "scripts" / "site.py"
 ROOT = Path(__file__).parents[2]
