@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from fl.cli_certs import certs_app
 from fl.client import EXIT_NOT_ADMITTED
 from tests.fl.test_daemons import CLI, ENV, ROOT, read_url
 
@@ -17,25 +19,11 @@ SCRIPT = ROOT / "examples" / "federated.py"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tensorwire certs init`, run in-process (a process of its own would import torch)."""
     directory = tmp_path_factory.mktemp("sites") / "pki"
-    made = subprocess.run(
-        [
-            *CLI,
-            "certs",
-            "init",
-            "--out",
-            str(directory),
-            "--client",
-            "site-1",
-            "--client",
-            "site-2",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
+    arguments = ["init", "--out", str(directory), "--client", "site-1", "--client", "site-2"]
+    made = CliRunner().invoke(certs_app, arguments)
+    assert made.exit_code == 0, made.output
     return directory
 
 
