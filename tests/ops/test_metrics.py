@@ -145,24 +145,15 @@ async def test_errors_count_by_kind_but_a_normal_close_is_none(
     server, client = pair
     url = await server.listen("tcp://127.0.0.1:0")
     before = await asyncio.to_thread(scrape, ops.url)
-    live = total(before, "tensorwire_connections_active", driver="tcp")
-
-    async def tcp_links(count: float, what: str) -> Samples:
-        def seen(samples: Samples) -> bool:
-            return total(samples, "tensorwire_connections_active", driver="tcp") == count
-
-        return await scrape_until(ops, seen, what)
-
     peer = await client.connect(url)
-    await tcp_links(live + 2, "both ends of the connection up")
+    server_side = await anext(server.accepted())
     await peer.close()
-    # A link is counted (as an error or not) as it leaves the live connections: once neither end
-    # is live, both were counted.
-    middle = await tcp_links(live, "both ends of the closed connection gone")
+    # Each end counts its link (as an error or not) before it reports the link closed.
+    await asyncio.wait_for(asyncio.gather(peer.wait_closed(), server_side.wait_closed()), 10)
+    middle = await asyncio.to_thread(scrape, ops.url)
     assert total(middle, "tensorwire_errors_total") == total(before, "tensorwire_errors_total")
     # A peer that is cut off without goodbye is an error, named by its class.
     peer = await client.connect(url)
-    await tcp_links(live + 2, "both ends of the new connection up")
     peer._link._driver.abort()  # type: ignore[union-attr]
     errors = total(middle, "tensorwire_errors_total")
     await scrape_until(
