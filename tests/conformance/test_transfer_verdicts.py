@@ -197,3 +197,24 @@ async def test_an_endpoint_from_another_event_loop_says_so() -> None:
     with pytest.raises(WrongEventLoopError, match="another event loop"):
         await asyncio.to_thread(use_from_another_loop)
     await endpoint.close()
+
+
+async def test_progress_is_reported_on_both_sides(setup: Setup) -> None:
+    async with setup.server(**PATIENT) as server, setup.client(**PATIENT) as client:
+        peer = await client.connect(await server.listen(setup.listen_url()))
+        sent: list[tuple[int, int]] = []
+        placed: list[tuple[int, int]] = []
+
+        async def receive() -> Mapping[str, torch.Tensor]:
+            transfer = await anext(server.incoming())
+            progress = lambda done, total: placed.append((done, total))  # noqa: E731
+            return await transfer.receive_into(StateDictSink(), progress=progress)
+
+        receiving = asyncio.ensure_future(receive())
+        await peer.send_state_dict(
+            state_dict(6), progress=lambda done, total: sent.append((done, total))
+        )
+        await receiving
+    for reports in (sent, placed):
+        assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+        assert reports[-1] == (6 * MIB, 6 * MIB)

@@ -15,21 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 from transport import sfm
 from transport.drivers import DriverConnection, PeerInfo
 from transport.endpoint.clock import Clock
+from transport.endpoint.outgoing import OutgoingStreams
 from transport.endpoint.pool import BufferPool
+from transport.endpoint.requests import Requests
 from transport.exceptions import (
-    ConfigError,
     ConnectionClosedError,
     IdleTimeoutError,
     ProtocolError,
     RemoteError,
-    RemoteRequestError,
-    StreamResetError,
     TensorwireError,
     TransportError,
     TruncatedFrameError,
@@ -74,25 +74,6 @@ _PROGRESS_EVENTS = (
 _NEW_WORK_EVENTS = (sfm.StreamOpened, sfm.RequestReceived)
 
 
-class _SendSlot:
-    """What a sending stream waits on: credit, or the error that ends it."""
-
-    def __init__(self) -> None:
-        self.credit = asyncio.Event()
-        self.completed = asyncio.Event()
-        self.resumed = asyncio.Event()
-        self.resume_points: list[Any] = []  # raw "held" values of RESUMEs: the transfer parses
-        self.error: TensorwireError | None = None
-
-    def fail(self, error: TensorwireError) -> None:
-        if self.completed.is_set() and self.error is None:
-            return  # the peer already confirmed the stream: a later connection loss is moot
-        self.error = self.error or error
-        self.credit.set()
-        self.completed.set()
-        self.resumed.set()
-
-
 class Link:
     """A connection to one peer; create with `Link(...)`, then `attach(driver_connection)`."""
 
@@ -116,16 +97,12 @@ class Link:
         self._heartbeat_interval = min(heartbeat_interval, idle_timeout / 3)
         self._router = router
         self.clock = clock
-        self._on_request = on_request
         self._node_id = node_id
         self._driver: DriverConnection | None = None
         self._write_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._sending: dict[int, _SendSlot] = {}
         self.receiving = 0  # streams the peer sends us here (for metrics)
-        self._responses: dict[int, asyncio.Future[tuple[Mapping[str, Any], bytes]]] = {}
-        self._loop = asyncio.get_running_loop()
         self.last_progress = self.last_received = clock.now()
         self.error: TensorwireError | None = None
         self.closed = asyncio.Event()
@@ -139,6 +116,10 @@ class Link:
         self.on_closed: Callable[[Link], None] | None = None
         self.on_hello: Callable[[Link], None] | None = None
         self.metrics = LinkMetrics()
+        # The link's other jobs, each its own object: the streams we send, and requests.
+        self.sending = OutgoingStreams(self)
+        answer = None if on_request is None else partial(on_request, self)
+        self.requests = Requests(self, answer)
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -154,9 +135,9 @@ class Link:
         that connects and stalls must not hold a slot for long).
         """
         self._driver = driver
-        self.metrics.opened(driver.peer.scheme, lambda: (len(self._sending), self.receiving))
+        self.metrics.opened(driver.peer.scheme, lambda: (len(self.sending), self.receiving))
         self._protocol.send_hello({**(hello or {}), "node": self._node_id})
-        self._schedule_flush()
+        self.schedule_flush()
         if self._heartbeat_interval > 0:
             self._spawn(self._heartbeat())
         if hello_timeout is not None:
@@ -231,12 +212,9 @@ class Link:
             return
         self.error = error
         self.metrics.closed(error)
-        for slot in self._sending.values():
-            slot.fail(error)
+        self.sending.fail_all(error)
         self._router.link_failed(self, error)
-        for future in self._responses.values():
-            if not future.done():
-                future.set_exception(error)
+        self.requests.fail_all(error)
         self.closed.set()
         if self.on_closed is not None:
             self.on_closed(self)
@@ -316,7 +294,7 @@ class Link:
             if self.error is not None and isinstance(event, _NEW_WORK_EVENTS):
                 continue  # a refused or failed peer opens nothing, asks nothing
             self._route(event)
-        self._schedule_flush()
+        self.schedule_flush()
 
     def _route(self, event: sfm.Event) -> None:
         if isinstance(event, sfm.DataReceived):
@@ -324,19 +302,19 @@ class Link:
         if isinstance(event, sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed):
             self._router.stream_event(self, event)
         elif isinstance(event, sfm.CreditGranted):
-            self._wake_senders(event.stream_id)
+            self.sending.on_credit(event.stream_id)
         elif isinstance(event, sfm.StreamCompleted):
-            self._completed(event.stream_id)
+            self.sending.on_completed(event.stream_id)
         elif isinstance(event, sfm.ResumeReceived):
-            self._resumed(event)
+            self.sending.on_resume(event)
         elif isinstance(event, sfm.StreamOpened):
             self._open_incoming(event)
         elif isinstance(event, sfm.StreamReset):
             self._stream_reset(event)
         elif isinstance(event, sfm.RequestReceived):
-            self._spawn(self._answer(event))
+            self._spawn(self.requests.answer(event))
         elif isinstance(event, sfm.ResponseReceived):
-            self._resolve(event)
+            self.requests.on_response(event)
         elif isinstance(event, sfm.HelloReceived):
             self.remote_hello = event.header
             self.remote_node = str(event.header.get("node", "")) or None
@@ -350,23 +328,6 @@ class Link:
             self.said_goodbye = True
             self.metrics.closing()  # a normal goodbye: the close that follows is no error
 
-    def _wake_senders(self, stream_id: int) -> None:
-        slots = self._sending.values() if stream_id == 0 else [self._sending.get(stream_id)]
-        for slot in slots:
-            if slot is not None:
-                slot.credit.set()
-
-    def _completed(self, stream_id: int) -> None:
-        slot = self._sending.get(stream_id)
-        if slot is not None:
-            slot.completed.set()
-
-    def _resumed(self, event: sfm.ResumeReceived) -> None:
-        slot = self._sending.get(event.stream_id)
-        if slot is not None:
-            slot.resume_points.append(event.header.get("held"))
-            slot.resumed.set()
-
     def _open_incoming(self, event: sfm.StreamOpened) -> None:
         try:
             self._router.stream_opened(self, event)
@@ -374,18 +335,20 @@ class Link:
             self.refuse(type(error).__name__, str(error))
 
     def _stream_reset(self, event: sfm.StreamReset) -> None:
-        error = StreamResetError(
-            f"peer reset stream {event.stream_id}: {event.reason}", code=event.code
-        )
-        slot = self._sending.get(event.stream_id)
-        if slot is not None:
-            slot.fail(error)
-        else:
+        if not self.sending.on_reset(event):
             self._router.stream_reset(self, event)
 
     # --- writing -------------------------------------------------------------------------------
 
-    def _schedule_flush(self) -> None:
+    @property
+    def protocol(self) -> sfm.Connection:
+        return self._protocol
+
+    def moved(self) -> None:
+        """Something moved on the link (a chunk went out): idle waits start over."""
+        self.last_progress = self.clock.now()
+
+    def schedule_flush(self) -> None:
         """Make sure what the protocol queued gets written. A flush task already running takes
         it: that task only ends once it saw the outbox empty (see _flush_quietly)."""
         if self._protocol.pending_send_bytes and (
@@ -449,93 +412,15 @@ class Link:
                     self._driver.abort()
             elif self.error is None and not self._protocol.closed:
                 self._protocol.send_ping()
-                self._schedule_flush()
-
-    # --- streams out ---------------------------------------------------------------------------
-
-    def open_stream(self, header: Mapping[str, Any]) -> int:
-        """Open a stream we send."""
-        self._raise_if_failed()
-        stream_id = self._protocol.open_stream(header)
-        self._sending[stream_id] = _SendSlot()
-        # The OPEN goes out now: a resumed attempt sends no DATA until the receiver's RESUME
-        # answers it, so waiting for the first chunk to carry it out would wait for the next
-        # heartbeat (idle_timeout / 3) on a connection that is otherwise quiet.
-        self._schedule_flush()
-        return stream_id
-
-    async def wait_resume_point(self, stream_id: int) -> None:
-        """Wait for the receiver's RESUME on a reopened stream (what it holds)."""
-        slot = self._sending[stream_id]
-        await self.wait_progress(slot.resumed, f"the receiver's resume point on stream {stream_id}")
-        if slot.error is not None:
-            raise slot.error
-
-    def take_resume_points(self, stream_id: int) -> list[Any]:
-        """The raw "held" values of RESUMEs that arrived on a stream since the last call."""
-        slot = self._sending.get(stream_id)
-        if slot is None or not slot.resume_points:
-            return []
-        points, slot.resume_points = slot.resume_points, []
-        return points
-
-    async def send_chunk(
-        self,
-        stream_id: int,
-        index: int,
-        parts: Sequence[Buffer],
-        nbytes: int,
-        header: Mapping[str, Any] | None = None,
-        flags: int = 0,
-    ) -> int:
-        """Send one DATA frame once the peer's credit allows it; return its checksum."""
-        if nbytes > self.stream_window:
-            raise ConfigError(
-                f"a chunk of {nbytes} bytes can never fit the peer's stream window of "
-                f"{self.stream_window} bytes: use a smaller chunk_size"
-            )
-        slot = self._sending[stream_id]
-        while True:
-            if slot.error is not None:
-                raise slot.error
-            if self._protocol.send_window(stream_id) >= nbytes:
-                break
-            slot.credit.clear()
-            stalled_at = self.clock.now()
-            try:
-                await self.wait_progress(slot.credit, f"credit on stream {stream_id}")
-            finally:
-                self.metrics.stalled(self.clock.now() - stalled_at)
-        checksum = self._protocol.send_data(stream_id, index, parts, header, flags)
-        self.metrics.chunk_sent(nbytes)
-        self.last_progress = self.clock.now()
-        await self.flush()
-        return checksum
-
-    async def end_stream(self, stream_id: int, header: Mapping[str, Any] | None = None) -> None:
-        """End a stream and wait for the receiver's verdict: its final ACK (it committed the
-        transfer), or a reset with its reason."""
-        slot = self._sending[stream_id]
-        if slot.error is not None:
-            raise slot.error
-        self._protocol.end_stream(stream_id, header)
-        await self.flush()
-        try:
-            await self.wait_progress(
-                slot.completed, f"the receiver's verdict on stream {stream_id}"
-            )
-        finally:
-            self._sending.pop(stream_id, None)
-        if slot.error is not None:
-            raise slot.error
+                self.schedule_flush()
 
     def reset_stream(self, stream_id: int, code: str, reason: str) -> None:
         """Abandon a stream in either direction and tell the peer why."""
-        self._sending.pop(stream_id, None)
+        self.sending.forget(stream_id)
         if self.error is None:
             with contextlib.suppress(TensorwireError):
                 self._protocol.reset_stream(stream_id, code, reason)
-            self._schedule_flush()
+            self.schedule_flush()
 
     # --- streams in ----------------------------------------------------------------------------
 
@@ -543,7 +428,7 @@ class Link:
         """The application took `nbytes` of a stream: return that credit to the peer."""
         if self.error is None:
             self._protocol.consumed(stream_id, nbytes)
-            self._schedule_flush()
+            self.schedule_flush()
 
     def send_resume(self, stream_id: int, header: Mapping[str, Any]) -> None:
         """Tell the sender of a stream which chunks we already hold."""
@@ -562,53 +447,8 @@ class Link:
         if self.error is None:
             with contextlib.suppress(TensorwireError):
                 verb()
-            self._schedule_flush()
+            self.schedule_flush()
 
-    # --- requests ------------------------------------------------------------------------------
-
-    async def request(
-        self, header: Mapping[str, Any], body: Buffer = b""
-    ) -> tuple[Mapping[str, Any], bytes]:
-        self._raise_if_failed()
-        request_id = self._protocol.send_request(header, body)
-        future: asyncio.Future[tuple[Mapping[str, Any], bytes]] = self._loop.create_future()
-        self._responses[request_id] = future
-        try:
-            await self.flush()
-            done = asyncio.Event()
-            future.add_done_callback(lambda _: done.set())
-            await self.wait_progress(done, f"the response to request {request_id}")
-            return future.result()
-        finally:
-            self._responses.pop(request_id, None)
-
-    def _resolve(self, event: sfm.ResponseReceived) -> None:
-        future = self._responses.get(event.request_id)
-        if future is None or future.done():
-            return
-        if event.error:
-            reason = str(event.header.get("reason", "request failed"))
-            future.set_exception(
-                RemoteRequestError(reason, code=str(event.header.get("code", "error")))
-            )
-        else:
-            future.set_result((event.header, bytes(event.body)))
-
-    async def _answer(self, event: sfm.RequestReceived) -> None:
-        try:
-            if self._on_request is None:
-                raise LookupError("this endpoint serves no requests")
-            header, body = await self._on_request(self, event.header, bytes(event.body))
-        except Exception as error:
-            log.info("request handler failed: %r", error)
-            reason = f"{type(error).__name__}: {error}"
-            self._protocol.send_response(
-                event.request_id, {"code": "handler", "reason": reason}, error=True
-            )
-        else:
-            self._protocol.send_response(event.request_id, header, body)
-        self._schedule_flush()
-
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error

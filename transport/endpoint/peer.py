@@ -143,7 +143,7 @@ class Peer:
 
         Not retried after a dropped connection: a request may not be safe to repeat."""
         self._endpoint.check_loop()
-        return await (await self._live_link()).request(header, body)
+        return await (await self._live_link()).requests.request(header, body)
 
     async def close(self) -> None:
         self._closing = True

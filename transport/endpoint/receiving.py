@@ -25,7 +25,7 @@ from transport.codecs import ChunkDecompressor
 from transport.endpoint.compression import blob_checksum, decompress
 from transport.endpoint.config import CHUNK_HEADER_ROOM
 from transport.endpoint.link import Link
-from transport.endpoint.sending import describe
+from transport.endpoint.sending import ProgressCallback, describe
 from transport.exceptions import (
     ChunkError,
     LocalError,
@@ -92,9 +92,12 @@ class IncomingTransfer:
         self._take()
         self._verdict(self._state.reject(reason))
 
-    async def receive_into(self, sink: Committing[T]) -> T:
+    async def receive_into(
+        self, sink: Committing[T], *, progress: ProgressCallback | None = None
+    ) -> T:
         """Place every chunk with `sink`; return `sink.commit()` once the whole transfer checked
-        out. The sender's send returns only after that commit (or raises why it failed)."""
+        out. The sender's send returns only after that commit (or raises why it failed).
+        `progress(bytes_placed, total_bytes)` is called as chunks are placed."""
         manifest = self._require_state_dict()
         if not isinstance(sink, Sink):
             raise PayloadError(f"receive_into needs a transport Sink, got {type(sink).__name__}")
@@ -107,7 +110,7 @@ class IncomingTransfer:
         try:
             self._start(sink.resume(self.transfer_id, manifest) if self.transfer_id else {})
             sink.open(manifest)
-            await self._write_all(sink, manifest, chunks)
+            await self._write_all(sink, manifest, chunks, progress)
             digest = self._state.verify(len(chunks))
             result: T = sink.commit()
         except BaseException as error:
@@ -209,9 +212,16 @@ class IncomingTransfer:
                 link.send_resume(stream_id, state.resume_point())
             link.grant_stream(stream_id)
 
-    async def _write_all(self, sink: Sink, manifest: Manifest, chunks: list[Chunk]) -> None:
+    async def _write_all(
+        self,
+        sink: Sink,
+        manifest: Manifest,
+        chunks: list[Chunk],
+        progress: ProgressCallback | None,
+    ) -> None:
         inline = getattr(sink, "inline_writes", False)
         decompressor = ChunkDecompressor()
+        placed = sum(chunks[index].nbytes for index in self._state.received)
         async for link, event in self._data_events():
             chunk = chunks[event.index]
             if event.flags & FrameFlags.COMPRESSED:
@@ -229,6 +239,9 @@ class IncomingTransfer:
             sink.record(chunk.index, self._state.received[event.index])
             metrics.tensor_bytes_moved("received", chunk.nbytes)
             _give_back(link, event)
+            placed += chunk.nbytes
+            if progress is not None:
+                progress(placed, manifest.total_bytes)
 
     async def _data_events(self) -> AsyncIterator[tuple[Link, sfm.DataReceived]]:
         """DATA events in arrival order (from every stripe) until every stripe of the current

@@ -210,10 +210,10 @@ async def _striped_attempt(
     for the receiver's verdict. Any failure goes up (the caller decides: resume or stop)."""
     header = transfer.open_attempt(len(links))
     for link in links:
-        streams.append((link, link.open_stream(header)))
+        streams.append((link, link.sending.open(header)))
     if transfer.awaits_resume_point:
         for link, stream_id in streams:
-            await link.wait_resume_point(stream_id)
+            await link.sending.wait_resume_point(stream_id)
         _absorb_resume_points(streams, transfer)
     deals = transfer.deal(len(streams))
     async with asyncio.TaskGroup() as group:
@@ -228,14 +228,14 @@ async def _striped_attempt(
     end = transfer.end_header()
     async with asyncio.TaskGroup() as group:
         for link, stream_id in streams:
-            group.create_task(link.end_stream(stream_id, end))
+            group.create_task(link.sending.end(stream_id, end))
     transfer.on_committed()
 
 
 def _absorb_resume_points(streams: list[tuple[Link, int]], transfer: OutgoingTransfer) -> None:
     """Hand RESUMEs that arrived to the transfer; a malformed one refuses its link."""
     for link, stream_id in streams:
-        for held in link.take_resume_points(stream_id):
+        for held in link.sending.take_resume_points(stream_id):
             try:
                 transfer.on_resume(held, link.clock.now())
             except ProtocolError as error:
@@ -283,7 +283,7 @@ async def _send_stripe(
                 source.release(ready.chunk)
                 continue
             started = time.perf_counter()
-            checksum = await link.send_chunk(
+            checksum = await link.sending.send_chunk(
                 stream_id, ready.chunk.index, ready.parts, ready.nbytes, ready.header, ready.flags
             )
             pipeline.observe_link(ready.nbytes, time.perf_counter() - started)
@@ -331,17 +331,17 @@ async def send_blocks(
     if size is not None:
         header["size"] = size
     started = time.perf_counter()
-    stream_id = link.open_stream(header)
+    stream_id = link.sending.open(header)
     sent = index = 0
     try:
         async for block in each_block(blocks):
             view = memoryview(block).cast("B")
             if view.nbytes == 0:
                 continue
-            await link.send_chunk(stream_id, index, [view], view.nbytes)
+            await link.sending.send_chunk(stream_id, index, [view], view.nbytes)
             sent += view.nbytes
             index += 1
-        await link.end_stream(stream_id)
+        await link.sending.end(stream_id)
     except BaseException as error:
         cancelled = isinstance(error, asyncio.CancelledError)
         code = headers.CANCELLED if cancelled else "sender_failed"
