@@ -145,7 +145,9 @@ class World:
     def cut(self) -> bool:
         """The connection drops: True if the sender tries again."""
         self.now += 1.0
-        self.receiver.registry.connection_lost(self.connection, self.now)
+        self.receiver.registry.connection_lost(
+            self.connection, self.now, ConnectionClosedError("cut"), said_goodbye=False
+        )
         return self.sender.on_lost(ConnectionClosedError("cut"), self.now)
 
 

@@ -43,7 +43,6 @@ from transport.transfer import (
     JOINED,
     NEW,
     IncomingRegistry,
-    StreamKey,
     TransferState,
 )
 from transport.transfer import headers as transfer_headers
@@ -81,7 +80,6 @@ class Endpoint:
         self._peers_by_identity: dict[tuple[str, str], Peer] = {}
         self._registry = IncomingRegistry()
         self._transfers: dict[int, IncomingTransfer] = {}  # id(state) -> its public object
-        self._settling: dict[StreamKey, int] = {}  # duplicate streams of committed transfers
         self._request_handler: RequestHandler | None = None
         self.codec_pool: ThreadPoolExecutor | None = (
             None
@@ -294,19 +292,18 @@ class Endpoint:
 
     def stream_opened(self, link: Link, event: sfm.StreamOpened) -> None:
         key = (link, event.stream_id)
-        link.receiving += 1
         opened = self._registry.on_open(key, event.header, self.clock.now())
         if opened.action == NEW:
             assert opened.transfer is not None
+            link.receiving += 1
             transfer = IncomingTransfer(self, opened.transfer, link, event.stream_id)
             self._transfers[id(opened.transfer)] = transfer
             self._incoming.put_nowait(transfer)
         elif opened.action == JOINED:
             assert opened.transfer is not None
+            link.receiving += 1
             self._transfers[id(opened.transfer)]._joined(link, event.stream_id)
         elif opened.action == DUPLICATE:
-            # The sender lost our verdict on a transfer we committed: all held, verdict again.
-            self._settling[key] = opened.held_chunks
             held = [[0, opened.held_chunks]] if opened.held_chunks else []
             link.send_resume(event.stream_id, {"held": held})
         else:
@@ -316,8 +313,12 @@ class Endpoint:
         self, link: Link, event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed
     ) -> None:
         key = (link, event.stream_id)
-        if key in self._settling:
-            self._settle_duplicate(link, key, event)
+        ended = not isinstance(event, sfm.DataReceived)
+        if self._registry.settling(key, ended=ended):
+            if isinstance(event, sfm.DataReceived):
+                _give_back(link, event)
+            elif isinstance(event, sfm.StreamEnded):
+                link.complete_stream(event.stream_id)  # the verdict, again
             return
         state = self._registry.route(key)
         transfer = self._transfers.get(id(state)) if state is not None else None
@@ -332,23 +333,9 @@ class Endpoint:
         else:
             transfer._on_stream_failed(link, event)
 
-    def _settle_duplicate(
-        self,
-        link: Link,
-        key: StreamKey,
-        event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed,
-    ) -> None:
-        if isinstance(event, sfm.DataReceived):
-            _give_back(link, event)
-            return
-        del self._settling[key]
-        link.receiving -= 1
-        if isinstance(event, sfm.StreamEnded):
-            link.complete_stream(event.stream_id)
-
     def stream_reset(self, link: Link, event: sfm.StreamReset) -> None:
         key = (link, event.stream_id)
-        if self._settling.pop(key, None) is not None:
+        if self._registry.settling(key, ended=True):
             return
         state = self._registry.route(key)
         transfer = self._transfers.get(id(state)) if state is not None else None
@@ -356,19 +343,12 @@ class Endpoint:
             transfer._on_reset(link, event)
 
     def link_failed(self, link: Link, error: TensorwireError) -> None:
-        """Transfers with a stream on the link lose it: they wait for the sender's next attempt,
-        unless the peer said goodbye (it closed its endpoint: nothing will come back)."""
-        for key in [key for key in self._settling if key[0] is link]:
-            del self._settling[key]
-        gone = link.said_goodbye
-        for state in self._registry.connection_lost(link, self.clock.now()):
+        """The transfer layer decides what a lost connection means for each transfer on it."""
+        now, goodbye = self.clock.now(), link.said_goodbye
+        for state in self._registry.connection_lost(link, now, error, said_goodbye=goodbye):
             transfer = self._transfers.get(id(state))
-            if transfer is None:
-                continue
-            if gone and state.state not in (TransferState.COMMITTED, TransferState.VERIFYING):
-                peer = link.remote_node or "the peer"
-                state.fail(ConnectionClosedError(f"{peer} closed its endpoint: {error}"))
-            transfer._wake()
+            if transfer is not None:
+                transfer._wake()
 
     # --- the transfer hub (what an IncomingTransfer asks of us) --------------------------------
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from transport.exceptions import (
+    ConnectionClosedError,
     DigestMismatchError,
     IdleTimeoutError,
     IntegrityError,
@@ -239,6 +240,9 @@ class IncomingRegistry:
         self._by_id: dict[str, IncomingState] = {}
         self._routes: dict[StreamKey, IncomingState] = {}
         self._committed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunk count
+        # Streams of a sender re-offering a transfer we committed (it lost our verdict): told
+        # "all held", their END gets the verdict again; the application never sees them.
+        self._settling: set[StreamKey] = set()
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -254,6 +258,7 @@ class IncomingRegistry:
         if known is not None:
             return self._join(known, key, opened, now)
         if tid is not None and tid in self._committed and opened.kind == headers.STATE_DICT:
+            self._settling.add(key)
             return Opened(DUPLICATE, held_chunks=self._committed[tid])
         transfer = IncomingState(opened, key, now)
         self._routes[key] = transfer
@@ -272,12 +277,29 @@ class IncomingRegistry:
         self._routes[key] = known
         return Opened(JOINED, known)
 
-    def connection_lost(self, connection: Hashable, now: float) -> list[IncomingState]:
-        """Every transfer with a stream on `connection` loses it; returns those affected."""
+    def settling(self, key: StreamKey, *, ended: bool = False) -> bool:
+        """Is `key` a duplicate's stream (its data is dropped)? With `ended`, its END or reset
+        arrived: it is done (on END, the caller completes it: the verdict again)."""
+        if key not in self._settling:
+            return False
+        if ended:
+            self._settling.discard(key)
+        return True
+
+    def connection_lost(
+        self, connection: Hashable, now: float, error: TensorwireError, *, said_goodbye: bool
+    ) -> list[IncomingState]:
+        """Every transfer with a stream on `connection` loses it: it waits for the sender's next
+        attempt, unless the peer said goodbye first (it closed its endpoint: nothing will come
+        back, so the transfer fails now). Returns those affected."""
+        self._settling = {key for key in self._settling if key[0] != connection}
         lost = [(key, t) for key, t in self._routes.items() if key[0] == connection]
         for key, transfer in lost:
-            transfer.on_lost(key, now)
             del self._routes[key]
+            if said_goodbye and transfer.state is not TransferState.VERIFYING:
+                transfer.fail(ConnectionClosedError(f"the sender closed its endpoint: {error}"))
+            else:
+                transfer.on_lost(key, now)
         return list({id(t): t for _, t in lost}.values())
 
     def finished(self, transfer: IncomingState) -> None:
