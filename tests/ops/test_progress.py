@@ -49,7 +49,9 @@ async def test_the_bar_follows_the_bytes_as_they_move(capsys: pytest.CaptureFixt
     both_ways = 2 * NBYTES  # sender and receiver share this process: both directions add up
     with transfer_progress(both_ways, "moving", ("sent", "received"), enabled=True) as bar:
         await _transfer()
-        await asyncio.sleep(0.6)  # two refreshes of the follower
+        async with asyncio.timeout(10):  # the follower refreshes on its own: wait until it did
+            while bar.n < both_ways:
+                await asyncio.sleep(0.02)
         followed = bar.n  # before the block's end fills it
     assert followed == both_ways
     drawn = capsys.readouterr().err
