@@ -1,5 +1,8 @@
 """A server endpoint under attack, an honest client beside the attacker, and a raw attacker that
-writes whatever bytes it likes through the same driver."""
+writes whatever bytes it likes through the same driver.
+
+The server runs on a manual clock: an attacker that stalls is dropped when the test moves the
+clock past hello_timeout, not after a real wait."""
 
 from __future__ import annotations
 
@@ -7,19 +10,22 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from transport import DigestSink, Endpoint, SyntheticSource
 from transport.drivers import driver_for
+from transport.endpoint.clock import ManualClock
 from transport.wire import Frame, FrameParser, FrameType, encode_frame
 
 MIB = 1 << 20
 DRIVERS = ["memory", "tcp", "grpc", "http"]
+HELLO_TIMEOUT = 0.5  # manual seconds
 SERVER_SETTINGS = {
     "chunk_size": MIB,
     "stream_window": 4 * MIB,
-    "hello_timeout": 0.5,
+    "hello_timeout": HELLO_TIMEOUT,
     "max_connections": 64,
 }
 
@@ -31,6 +37,7 @@ class RawReceiver:
     data: bytearray = field(default_factory=bytearray)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     credited: asyncio.Event = field(default_factory=asyncio.Event)  # a CREDIT frame arrived
+    greeted: asyncio.Event = field(default_factory=asyncio.Event)  # the server's HELLO arrived
     _buffer: bytearray = field(default_factory=lambda: bytearray(1 << 16))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -38,8 +45,11 @@ class RawReceiver:
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data += self._buffer[:nbytes]
-        if any(frame.type is FrameType.CREDIT for frame in self.frames()):
+        types = {frame.type for frame in self.frames()}
+        if FrameType.CREDIT in types:
             self.credited.set()
+        if FrameType.HELLO in types:
+            self.greeted.set()
 
     def eof_received(self) -> None:
         self.closed.set()
@@ -76,11 +86,23 @@ def raw(ftype: FrameType, **fields: object) -> bytes:
     return b"".join(bytes(part) for part in encode_frame(ftype, **fields).parts)  # type: ignore[arg-type]
 
 
+async def first_of(*events: asyncio.Event) -> None:
+    """Return once any of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 @dataclass
 class Arena:
-    """The server under test, its URL, and an honest transfer running beside the attacks."""
+    """The server under test (on `clock`), its URL, and an honest transfer running beside the
+    attacks."""
 
     server: Endpoint
+    clock: ManualClock
     url: str
     honest: asyncio.Future[int]
 
@@ -94,16 +116,36 @@ class Arena:
         """Connect raw, write `payload` (pieces in order), then `once_credited` after the server
         granted credit (a stream gets it once the application takes its transfer), and wait
         until the server hangs up."""
-        receiver = RawReceiver()
-        connection = await driver_for(self.url).connect(self.url, receiver)
-        for piece in payload if isinstance(payload, list) else [payload]:
-            await connection.send([piece])
+        receiver, connection = await self.connect(payload)
         if once_credited:
             await asyncio.wait_for(receiver.credited.wait(), 10)
         for piece in once_credited:
             await connection.send([piece])
         if close:
             await connection.close()
+        return await self.hung_up(receiver, connection)
+
+    async def stall(self, payloads: list[bytes | list[bytes]]) -> list[RawReceiver]:
+        """Attackers that never finish a HELLO: once the server greeted (or refused) every one,
+        the clock moves past hello_timeout, and each waits until the server hangs up."""
+        opened = await asyncio.gather(*(self.connect(payload) for payload in payloads))
+        await asyncio.wait_for(
+            asyncio.gather(*(first_of(seen.greeted, seen.closed) for seen, _ in opened)), 10
+        )
+        # Short of hello_timeout + 1 s: the GOAWAY a refusal flushes has that long (in clock
+        # time) before the connection is aborted, and must still be delivered.
+        await self.clock.advance(HELLO_TIMEOUT + 0.1)
+        return await asyncio.gather(*(self.hung_up(*pair) for pair in opened))
+
+    async def connect(self, payload: bytes | list[bytes]) -> tuple[RawReceiver, Any]:
+        """Connect raw and write `payload` (pieces in order)."""
+        receiver = RawReceiver()
+        connection = await driver_for(self.url).connect(self.url, receiver)
+        for piece in payload if isinstance(payload, list) else [payload]:
+            await connection.send([piece])
+        return receiver, connection
+
+    async def hung_up(self, receiver: RawReceiver, connection: Any) -> RawReceiver:
         await asyncio.wait_for(receiver.closed.wait(), 10)
         connection.abort()
         return receiver
@@ -117,7 +159,8 @@ async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
     scheme = request.param
     name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)
     listen = f"memory://{name}" if scheme == "memory" else "tcp://127.0.0.1:0"
-    async with Endpoint(**SERVER_SETTINGS) as server:
+    clock = ManualClock()
+    async with Endpoint(clock=clock, **SERVER_SETTINGS) as server:
         url = await server.listen(listen)
 
         receiving: set[asyncio.Future[object]] = set()
@@ -138,5 +181,5 @@ async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
                 result = await peer.send_state_dict(source)
                 return result.bytes
 
-            yield Arena(server, url, asyncio.ensure_future(honest()))
+            yield Arena(server, clock, url, asyncio.ensure_future(honest()))
         serving.cancel()

@@ -114,7 +114,7 @@ async def test_frames_before_hello(arena: Arena) -> None:
 
 
 async def test_peer_that_connects_and_stalls(arena: Arena) -> None:
-    seen = await arena.attack(b"")  # says nothing: dropped after hello_timeout (0.5 s here)
+    [seen] = await arena.stall([b""])  # says nothing: dropped after hello_timeout (0.5 s here)
     assert seen.goaway_code() == "hello_timeout"
     await arena.honest_completes()
 
@@ -122,11 +122,7 @@ async def test_peer_that_connects_and_stalls(arena: Arena) -> None:
 async def test_slowloris_trickling_a_frame(arena: Arena) -> None:
     frame = _open(1, _manifest())
     pieces = [frame[i : i + 1] for i in range(12)]  # 12 bytes, never a whole prefix, no HELLO
-
-    async def trickle() -> object:
-        return await arena.attack(pieces)
-
-    seen = await asyncio.wait_for(trickle(), 10)
+    [seen] = await asyncio.wait_for(arena.stall([pieces]), 10)
     assert seen.goaway_code() == "hello_timeout"
     await arena.honest_completes()
 
@@ -135,7 +131,7 @@ async def test_a_thousand_connection_attempts(arena: Arena) -> None:
     rss_before = psutil.Process().memory_info().rss
     codes: list[str | None] = []
     for _wave in range(10):  # 1000 attempts, 100 at a time (the listen backlog is ~100)
-        receivers = await asyncio.gather(*(arena.attack(b"") for _ in range(100)))
+        receivers = await arena.stall([b""] * 100)
         codes += [seen.goaway_code() for seen in receivers]
     assert set(codes) <= {"busy", "hello_timeout"}
     assert "busy" in codes  # beyond max_connections (64 here) a connection is refused at once
