@@ -6,7 +6,7 @@ streams and lends it the connection's I/O (`LinkIO`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from transport import sfm
@@ -86,6 +86,7 @@ class OutgoingStreams:
         if slot is not None:
             slot.resume_points.append(event.header.get("held"))
             slot.resumed.set()
+            slot.credit.set()  # a sender waiting for credit re-checks whether it still must send
 
     def on_reset(self, event: sfm.StreamReset) -> bool:
         """The receiver reset one of our streams (its verdict, or a refusal); False if the
@@ -142,8 +143,11 @@ class OutgoingStreams:
         nbytes: int,
         header: Mapping[str, Any] | None = None,
         flags: int = 0,
-    ) -> int:
-        """Send one DATA frame once the peer's credit allows it; return its checksum."""
+        still_needed: Callable[[], bool] = lambda: True,
+    ) -> int | None:
+        """Send one DATA frame once the peer's credit allows it; return its checksum. None when
+        `still_needed()` turned False meanwhile (a RESUME said the receiver holds it: a
+        receiver that holds everything grants no credit at all)."""
         io = self._io
         if nbytes > io.stream_window:
             raise ConfigError(
@@ -154,6 +158,8 @@ class OutgoingStreams:
         while True:
             if slot.error is not None:
                 raise slot.error
+            if not still_needed():
+                return None
             if io.protocol.send_window(stream_id) >= nbytes:
                 break
             await self._wait_credit(slot, stream_id)

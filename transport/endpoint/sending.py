@@ -278,19 +278,24 @@ async def _send_stripe(
     in_flight = _InFlight(link.stream_window)
     try:
         async for ready in pipeline.iterate(chunks):
-            _absorb_resume_points(streams, transfer)
-            if ready.chunk.index in transfer.held:  # a RESUME arrived while it was prepared
-                source.release(ready.chunk)
-                continue
+            index, nbytes = ready.chunk.index, ready.chunk.nbytes
+
+            def still_needed(index: int = index) -> bool:
+                """RESUMEs that arrived meanwhile may say the receiver holds this chunk."""
+                _absorb_resume_points(streams, transfer)
+                return index not in transfer.held
+
             started = time.perf_counter()
             checksum = await link.sending.send_chunk(
-                stream_id, ready.chunk.index, ready.parts, ready.nbytes, ready.header, ready.flags
+                stream_id, index, ready.parts, ready.nbytes, ready.header, ready.flags, still_needed
             )
+            if checksum is None:  # the receiver holds it
+                source.release(ready.chunk)
+                continue
             pipeline.observe_link(ready.nbytes, time.perf_counter() - started)
             now = link.clock.now()
-            index, nbytes = ready.chunk.index, ready.chunk.nbytes
             transfer.on_chunk_sent(index, ready.blob_checksum or checksum, nbytes, now)
-            metrics.tensor_bytes_moved("sent", ready.chunk.nbytes)
+            metrics.tensor_bytes_moved("sent", nbytes)
             if progress is not None:
                 progress(transfer.done_bytes, transfer.total_bytes)
             for delivered in in_flight.sent(ready.chunk, ready.nbytes):
