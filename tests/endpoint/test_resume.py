@@ -10,6 +10,8 @@ import xxhash
 
 from benchmarks.faults import CuttingProxy
 from transport import CallbackSink, Endpoint, SyntheticSource
+from transport.endpoint.clock import ManualClock
+from transport.endpoint.link import CLOSE_GRACE_S
 
 MIB = 1 << 20
 
@@ -66,7 +68,9 @@ async def test_reopening_a_completed_transfer_is_not_delivered_twice() -> None:
             again = await peer.send_state_dict(source, transfer_id="round-1/site-a")
             # A first attempt does not wait for RESUME: at most a window goes out before it lands.
             assert again.bytes_sent <= 4 * MIB
-            await asyncio.sleep(0.1)
+            # A round trip behind the reopened transfer: the server has handled its OPEN.
+            server.on_request(_echo)
+            assert (await peer.request({"ping": 1}))[0] == {"ping": 1}
             assert server._incoming.empty()
 
 
@@ -80,19 +84,42 @@ async def _take_one(server: Endpoint) -> None:
 @pytest.mark.parametrize("scheme", ["tcp", "grpc", "http"])
 async def test_closing_beside_a_hung_peer_is_bounded(scheme: str) -> None:
     """A peer that stopped reading behind a socket that stays open (a hung process or
-    middlebox) holds a close for a short grace, not for the whole idle_timeout (300 s here)."""
+    middlebox) holds a close for a short grace, not for the whole idle_timeout (300 s here).
+    The closing endpoint runs on a manual clock: the grace passes without a real wait."""
     settings = {"idle_timeout": 300.0}
     async with Endpoint(**settings) as server:
         url = await server.listen(f"{scheme}://127.0.0.1:0")
         proxy = CuttingProxy("127.0.0.1", int(url.rsplit(":", 1)[1]), [])
         host, port = await proxy.start()
-        client = Endpoint(**settings)
+        clock = ManualClock()
+        client = Endpoint(clock=clock, **settings)
         peer = await client.connect(f"{scheme}://{host}:{port}")
         server.on_request(_echo)
         assert (await peer.request({"ping": 1}))[0] == {"ping": 1}
         proxy.stall()
-        await asyncio.wait_for(client.close(), 60)
+        link = peer._link
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.wait_for(link.closed.wait(), 60)  # the link's close began: its grace runs
+        grace_ends = clock.now() + CLOSE_GRACE_S
+        await clock.advance(0)  # the close's first wait on the clock starts
+        # Whenever the close waits on the clock, time moves to the end of the grace, never
+        # beyond: a close that waited any longer would never finish here.
+        while not closing.done():
+            clock.sleeping.clear()
+            await clock.advance(max(0.0, grace_ends - clock.now()))
+            if not closing.done():
+                await _first_of(closing, clock.sleeping)
+        await closing
+        assert clock.now() <= grace_ends
         await proxy.close()
+
+
+async def _first_of(task: asyncio.Future[Any], event: asyncio.Event) -> None:
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait_for(asyncio.wait({task, waiter}, return_when="FIRST_COMPLETED"), 60)
+    finally:
+        waiter.cancel()
 
 
 async def _echo(peer: Any, header: Any, body: bytes) -> tuple[Any, bytes]:
