@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -48,17 +49,25 @@ def synthetic_sender(queue: Any, nbytes: int, url_queue: Any) -> None:
     run_in_uvloop("sender", queue, body)
 
 
-def restartable_file_receiver(queue: Any, path: str, port: int, delay_per_chunk: float) -> None:
-    """Receive one transfer into a safetensors file on a fixed port; optionally slowly, so the
+def restartable_file_receiver(queue: Any, path: str, port: int, hold_after: int | None) -> None:
+    """Receive one transfer into a safetensors file on a fixed port. With `hold_after`, once that
+    many chunks are written (and journaled) the receiver says so on `queue` and hangs, so the
     test can kill this process mid-transfer and start another on the same port."""
 
     async def body() -> dict[str, Any]:
         from transport import Endpoint, SafetensorsFileSink
 
         class SlowFileSink(SafetensorsFileSink):
+            written = 0
+
             def write(self, chunk: Any, pieces: Any) -> None:
-                time.sleep(delay_per_chunk)
+                # The receiver journals each chunk after its write returned and writes the next
+                # only then: here, every earlier chunk is on disk and in the journal.
+                if hold_after is not None and self.written >= hold_after:
+                    queue.put({"role": "receiver", "holding": self.written})
+                    threading.Event().wait()  # until killed
                 super().write(chunk, pieces)
+                self.written += 1
 
         async with Endpoint(chunk_size=1 << 20, stream_window=4 << 20) as endpoint:
             await endpoint.listen(f"tcp://127.0.0.1:{port}")

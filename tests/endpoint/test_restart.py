@@ -36,7 +36,7 @@ async def test_killed_receiver_restarts_and_the_transfer_resumes(tmp_path: Path)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     first = context.Process(
-        target=children.restartable_file_receiver, args=(queue, str(path), port, 0.02), daemon=True
+        target=children.restartable_file_receiver, args=(queue, str(path), port, 40), daemon=True
     )
     first.start()
     await _wait_for(queue, "the first receiver to listen")
@@ -44,14 +44,14 @@ async def test_killed_receiver_restarts_and_the_transfer_resumes(tmp_path: Path)
     async with Endpoint(chunk_size=chunk, stream_window=window, idle_timeout=60) as endpoint:
         peer = await endpoint.connect(f"tcp://127.0.0.1:{port}")
         sending = asyncio.ensure_future(peer.send_state_dict(source, transfer_id="round-3/site-b"))
-        while not journal.exists() or len(journal.read_text().splitlines()) < 40:
-            await asyncio.sleep(0.05)
+        holding = await _wait_for(queue, "the first receiver to hold after 40 chunks")
+        assert holding["holding"] == 40
         first.kill()
         first.join()
         held_at_kill = len(journal.read_text().splitlines()) - 1
         second = context.Process(
             target=children.restartable_file_receiver,
-            args=(queue, str(path), port, 0.0),
+            args=(queue, str(path), port, None),
             daemon=True,
         )
         second.start()
@@ -59,7 +59,7 @@ async def test_killed_receiver_restarts_and_the_transfer_resumes(tmp_path: Path)
         result = await asyncio.wait_for(sending, 120)
         done = await _wait_for(queue, "the second receiver to finish")
         second.join(30)
-    assert held_at_kill >= 39
+    assert held_at_kill == 40  # every chunk written before the hold, journaled
     assert result.resumes >= 1
     # Only what the killed process had not written yet (at most a window in flight) went twice.
     assert result.bytes_sent - total <= window + 2 * chunk
