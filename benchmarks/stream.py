@@ -26,6 +26,7 @@ from transport.progress import progress_wanted, transfer_progress
 
 DRIVERS = ("tcp", "grpc", "http", "memory")
 _HOST = "127.0.0.1"
+MEMORY_URL = "memory://benchmark-stream"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tensorwire-pki-") as pki:
         settings = settings_from(args, pki if args.tls else None)
         memory = args.driver == "memory"
+        if memory and settings["cut_every"]:
+            raise SystemExit(
+                "--cut-every cuts a TCP connection: it needs --driver tcp, grpc or http"
+            )
         result = _run_in_process(settings) if memory else _run_two_processes(settings)
         result["tls"] = bool(args.tls)
         if args.baseline:
@@ -111,6 +116,14 @@ def scheme(settings: dict[str, Any]) -> str:
     """The URL scheme: the driver's name, with an "s" under TLS (tcps, grpcs, https)."""
     driver = str(settings["driver"])
     return f"{driver}s" if settings.get("tls_dir") and driver != "memory" else driver
+
+
+def listen_url(settings: dict[str, Any]) -> str:
+    """Where the receiver listens: a free port on settings["host"] (default 127.0.0.1), or for
+    the in-process memory driver a name (memory URLs have no host or port)."""
+    if settings["driver"] == "memory":
+        return MEMORY_URL
+    return f"{scheme(settings)}://{settings.get('host', _HOST)}:0"
 
 
 def _summary(
@@ -170,8 +183,7 @@ async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[
     tls_dir = settings.get("tls_dir")
     tls = server_tls(Path(tls_dir)) if tls_dir else None
     async with Endpoint(**settings["overrides"], tls=tls) as endpoint:
-        host = settings.get("host", _HOST)
-        publish_url(await endpoint.listen(f"{scheme(settings)}://{host}:0"))
+        publish_url(await endpoint.listen(listen_url(settings)))
         sampler = RssSampler().start()
         transfer = await anext(endpoint.incoming())
         nbytes = transfer.manifest.total_bytes if transfer.manifest else 0
@@ -257,7 +269,14 @@ def _run_in_process(settings: dict[str, Any]) -> dict[str, Any]:
         urls: asyncio.Queue[str] = asyncio.Queue()
         settings_here = {**settings, "driver": "memory"}
         receiving = asyncio.ensure_future(receive_synthetic(settings_here, urls.put_nowait))
-        sender = await send_synthetic(settings_here, await urls.get())
+        url = asyncio.ensure_future(urls.get())
+        # A receiver that fails before it publishes its URL fails the run (no endless wait).
+        await asyncio.wait({receiving, url}, return_when=asyncio.FIRST_COMPLETED)
+        if not url.done():
+            url.cancel()
+            await receiving  # raises the receiver's error
+            raise RuntimeError("the receiver finished without listening")
+        sender = await send_synthetic(settings_here, url.result())
         return sender, await receiving
 
     sender, receiver = uvloop.run(both())
