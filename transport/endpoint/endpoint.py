@@ -42,8 +42,8 @@ from transport.transfer import (
     DUPLICATE,
     JOINED,
     NEW,
+    TERMINAL,
     IncomingRegistry,
-    TransferState,
 )
 from transport.transfer import headers as transfer_headers
 from transport.wire import Buffer
@@ -213,7 +213,7 @@ class Endpoint:
         closing = ConnectionClosedError("the receiving endpoint is closing")
         for state in self._registry.transfers():
             transfer = self._transfers.get(id(state))
-            if transfer is not None and state.state not in (TransferState.COMMITTED,):
+            if transfer is not None:  # fail() is a no-op for one that already ended
                 transfer._verdict(state.fail(closing, code=transfer_headers.CLOSING))
         for peer in list(self._peers.values()):
             peer._closing = True
@@ -355,16 +355,7 @@ class Endpoint:
     def settle(self, transfer: IncomingTransfer) -> None:
         """Forget a transfer that ended (its routes, its object); remember a committed one."""
         state = transfer._state
-        if (
-            state.state
-            in (
-                TransferState.COMMITTED,
-                TransferState.REJECTED,
-                TransferState.FAILED,
-                TransferState.CANCELLED,
-            )
-            and self._transfers.pop(id(state), None) is not None
-        ):
+        if state.state in TERMINAL and self._transfers.pop(id(state), None) is not None:
             for link, _ in state.streams:
                 if isinstance(link, Link):
                     link.receiving = max(0, link.receiving - 1)

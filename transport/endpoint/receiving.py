@@ -69,7 +69,7 @@ class IncomingTransfer:
         self.manifest: Manifest | None = (
             Manifest.from_header(opened.manifest) if opened.kind == STATE_DICT else None
         )
-        self._plan: list[Chunk] = plan_chunks(self.manifest) if self.manifest else []
+        self._plan: list[Chunk] = []  # planned when taken: an untaken transfer costs nothing
         self._queue: deque[tuple[Link, sfm.DataReceived]] = deque()
         self._arrived = asyncio.Event()
         self._taken = False
@@ -102,7 +102,7 @@ class IncomingTransfer:
         if not isinstance(sink, Sink):
             raise PayloadError(f"receive_into needs a transport Sink, got {type(sink).__name__}")
         self._take()
-        chunks = self._plan
+        chunks = self._plan = plan_chunks(manifest)
         record = TransferRecord(
             "received", self.transfer_id, manifest.total_bytes, len(chunks), self.peer_node
         )

@@ -146,7 +146,9 @@ async def send_source(
             retry = _decide(transfer, error, clock.now())
             _reset_all(streams, transfer, error, retry)
             if not retry:
-                raise (transfer.error or error) if _is_verdict(error) else error from None
+                # The receiver's reset carried its verdict: raise the transfer's reading of it.
+                verdict = isinstance(error, StreamResetError)
+                raise (transfer.error or error) if verdict else error from None
             lost = error
         assert isinstance(lost, TensorwireError)
         await peer._recover_stripes(links, lost)
@@ -174,11 +176,6 @@ def _decide(transfer: OutgoingTransfer, error: BaseException, now: float) -> boo
         return transfer.on_lost(error, now)
     transfer.fail(LocalError(describe(error)))
     return False
-
-
-def _is_verdict(error: BaseException) -> bool:
-    """The receiver's reset carried its verdict: raise the transfer's reading of it."""
-    return isinstance(error, StreamResetError)
 
 
 def _reset_all(
