@@ -15,7 +15,14 @@ from transport.certs import (
     tls_config_for,
 )
 from transport.drivers import PeerInfo, TLSConfig
-from transport.endpoint import Endpoint, EndpointConfig, IncomingTransfer, Peer, TransferResult
+from transport.endpoint import (
+    Endpoint,
+    EndpointConfig,
+    EndpointOptions,
+    IncomingTransfer,
+    Peer,
+    TransferResult,
+)
 from transport.exceptions import *  # noqa: F403 - the whole exception tree is public
 from transport.exceptions import __all__ as _exception_names
 from transport.payload import (
@@ -42,6 +49,7 @@ __all__ = [
     "DigestSink",
     "Endpoint",
     "EndpointConfig",
+    "EndpointOptions",
     "IncomingTransfer",
     "Manifest",
     "Peer",

@@ -42,6 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from typing_extensions import Unpack
+
 import transport
 
 if TYPE_CHECKING:
@@ -49,7 +51,15 @@ if TYPE_CHECKING:
 
     import torch
 
-    from transport import EndpointConfig, Manifest, PeerInfo, Sink, Source, TransferResult
+    from transport import (
+        EndpointConfig,
+        EndpointOptions,
+        Manifest,
+        PeerInfo,
+        Sink,
+        Source,
+        TransferResult,
+    )
 
 __all__ = ["Endpoint", "IncomingTransfer", "Peer", "RequestHandler"]
 
@@ -247,7 +257,9 @@ class Endpoint:
     Takes the same arguments (`Endpoint(config, **overrides)`, e.g. `chunk_size=...`). Use it as
     a context manager, or call `close()`: the facade's loop thread runs while any is open."""
 
-    def __init__(self, config: EndpointConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, config: EndpointConfig | None = None, **overrides: Unpack[EndpointOptions]
+    ) -> None:
         _loop_thread.acquire()
         try:
             # Built on the loop, so whatever it binds to the running loop binds to ours.
