@@ -1,249 +1,676 @@
-"""Aggregation: pure functions over tensors, and FedAvg accumulators fed one tensor at a time.
+"""Streaming aggregation: clients' tensors folded into running sums, the new model written by slice.
 
-The accumulators are what makes streaming aggregation possible: a CallbackSink hands each client's
-tensor to `add()` as soon as it has arrived, the accumulator folds it into a running weighted sum
-and drops it, so the server holds one model's worth of sums (plus the transport window) instead of
-one model per client. `FileAccumulator` keeps those sums in a file and touches it one slice at a
-time, so a server can aggregate a model larger than its RAM.
+The server receives each client's result tensor by tensor, from worker threads, several clients at
+once. `RoundAggregation.add()` folds each tensor into a running weighted sum and drops it, so the
+server holds at most one model of sums (`MemorySums`) or a few slices (`FileSums`: the sums live in
+one file, touched by pread/pwrite), whatever the model size. `finish_round()` then computes the new
+global model tensor by tensor and slice by slice through a `ServerUpdate` (the algorithm:
+`FedAvgUpdate` or `FedAdamUpdate`, in fl.server_optimizers) and hands each slice to a writer, so the
+new model never exists whole in RAM either.
 
-Each tensor's average is over the clients whose copy of that tensor arrived whole (per-tensor
-weight sums): a client that fails half way through its upload has its completed tensors counted and
-no others, and nothing it sent is ever half-added.
+    TensorLayout(shape, dtype)                         one tensor of the global model
+    Sums                                               running weighted sums, one per tensor name
+        MemorySums(accumulate_dtype=float32, slice_elements=SLICE_ELEMENTS)
+        FileSums(path, accumulate_dtype=float32, slice_elements=SLICE_ELEMENTS)
+        .add(name, tensor, weight, convert=None)       thread-safe; whole tensor or nothing
+        .weight(name) -> float   .names()   .seal()   .close()  (FileSums: deletes its file)
+        .mean_slices(name) -> Iterator[(start_element, 1-D weighted mean slice)]
+    ServerUpdate, FedAvgUpdate, FedAdamUpdate          the algorithm: base + clients' mean -> new
+        (defined in fl.server_optimizers, importable from here as well)
+    RoundAggregation(base, layouts, sums, update)      one round
+        .add(client, name, tensor, weight, params_type)   thread-safe
+        .finish_tensor(name, write(start, slice))
+        .finish_round(write_tensor(name, start, slice)) -> RoundOutcome   (closes the sums)
+        .contributors(name) -> tuple[str, ...]   .weight(name) -> float   .close()
+
+Dropouts: each tensor's average is over the clients whose copy of THAT tensor arrived whole (the
+weight sums are per tensor). `add()` checks everything it can (name, shape, weight, finite values,
+duplicates) before it folds anything, so a client's tensor is either fully added or not at all; a
+client that fails half way through its upload counts for the tensors it completed and no others.
+
+Mode: the round's first `add()` fixes FULL or DIFF; a tensor sent in the other mode is converted
+against base slice by slice (FULL->DIFF: t - base; DIFF->FULL: base + t; in float32, or float64 for
+float64 or integer tensors). Integer and bool tensors are averaged too, then rounded to nearest.
+
+Determinism: a contribution is folded as product-then-add per slice (`sums[s] += t[s].to(acc) *
+w`, never a fused `add_(alpha=)`), so with two clients the sums are bit-identical whatever order
+they arrive in (IEEE addition commutes). Temporaries are at most `slice_elements` (4 Mi) elements.
+
+Base: a read-only mapping name -> tensor (views of an mmap'd safetensors file in production). Only
+slices are read, as `base[name].reshape(-1)[start:stop]`, a view for a contiguous tensor; a
+non-contiguous base tensor would be copied whole by that reshape. Incoming tensors likewise.
+
+Writers receive (start_element, 1-D slice in the model's dtype) in increasing order, at least one
+call per tensor (an empty tensor gets one empty slice); a slice is only valid during the call.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fl.model import ParamsType
 
-# Elements per slice when the sums live in a file: 4 Mi float32 = 16 MiB of RAM per busy thread.
-FILE_SLICE_ELEMENTS = 4 * 2**20
+if TYPE_CHECKING:  # fl.server_optimizers imports this module
+    from fl.server_optimizers import ServerUpdate
 
-BaseLookup = Callable[[str], torch.Tensor]
+# Elements per slice: 4 Mi float32 = 16 MiB per temporary, whatever the tensor's size.
+SLICE_ELEMENTS = 4 * 2**20
 
-
-# --- pure functions ------------------------------------------------------------------------------
-
-
-def weighted_average(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum(w_i * x_i) / sum(w_i), computed in float64 and returned in the inputs' dtype."""
-    if not values or len(values) != len(weights):
-        raise ValueError(f"need as many weights as values, got {len(values)} and {len(weights)}")
-    check_weight(sum(weights))
-    total = torch.zeros(values[0].shape, dtype=torch.float64)
-    for value, weight in zip(values, weights, strict=True):
-        total.add_(value.to(torch.float64), alpha=check_weight(weight))
-    return total.div_(sum(weights)).to(values[0].dtype)
+SliceWriter = Callable[[int, torch.Tensor], None]
+TensorWriter = Callable[[str, int, torch.Tensor], None]
+# (start_element, slice of the incoming tensor) -> that slice in the round's mode
+SliceConvert = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def apply_diff(base: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """The model a DIFF update describes: base + diff, in the base's dtype."""
-    return (base.to(torch.float32) + diff.to(torch.float32)).to(base.dtype)
+@dataclass(frozen=True)
+class TensorLayout:
+    """One tensor of the global model."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorLayout:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
-def as_params_type(
-    tensor: torch.Tensor, have: ParamsType, want: ParamsType, base: torch.Tensor | None
-) -> torch.Tensor:
-    """Convert one tensor between FULL and DIFF against `base` (the model the client received)."""
-    if have is want:
-        return tensor
-    if base is None:
-        raise ValueError(f"cannot turn a {have.value} update into {want.value} without the base")
-    if want is ParamsType.FULL:
-        return apply_diff(base, tensor)
-    return tensor.to(torch.float32) - base.to(torch.float32)
+@dataclass(frozen=True)
+class RoundOutcome:
+    """Who counted for what: each tensor's weight sum and its contributing clients (sorted)."""
+
+    mode: ParamsType
+    weights: dict[str, float]
+    contributors: dict[str, tuple[str, ...]]
+
+    @property
+    def clients(self) -> tuple[str, ...]:
+        """Every client that contributed at least one tensor."""
+        return tuple(sorted({c for names in self.contributors.values() for c in names}))
+
+    @property
+    def complete_clients(self) -> tuple[str, ...]:
+        """The clients that contributed every tensor."""
+        return tuple(c for c in self.clients if all(c in n for n in self.contributors.values()))
 
 
-def check_weight(weight: float) -> float:
-    """A weight must be a positive finite number (a sample count)."""
-    if not weight > 0 or weight == float("inf"):
-        raise ValueError(f"an aggregation weight must be positive and finite, got {weight!r}")
-    return weight
+# --- sums ----------------------------------------------------------------------------------------
 
 
-# --- accumulators --------------------------------------------------------------------------------
+class Sums(ABC):
+    """Running weighted sums, one per tensor name, folded a slice at a time; `add()` is safe from
+    many threads at once (adds of one name are serialized, different names run in parallel)."""
 
-
-class Accumulator:
-    """Running weighted sums, one per tensor name; `add()` is safe from many threads at once."""
-
-    def __init__(self, accumulate_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, accumulate_dtype: torch.dtype, slice_elements: int) -> None:
         if not accumulate_dtype.is_floating_point:
             raise ValueError(f"accumulate_dtype must be a float dtype, got {accumulate_dtype}")
+        if slice_elements < 1:
+            raise ValueError(f"slice_elements must be positive, got {slice_elements}")
         self.accumulate_dtype = accumulate_dtype
-        self.weights: dict[str, float] = {}
-        self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+        self.slice_elements = slice_elements
+        self._weights: dict[str, float] = {}
+        self._numels: dict[str, int] = {}
         self._locks: dict[str, threading.Lock] = {}
-        self._registry_lock = threading.Lock()
-        self._closed = False
+        self._taken: set[str] = set()  # names whose mean was read: a late add must not change it
+        self._broken: set[str] = set()  # names whose fold failed half way
+        self._registry = threading.Lock()
+        self._sealed = False
 
-    def add(self, name: str, tensor: torch.Tensor, weight: float) -> None:
-        """Fold `weight * tensor` into the sum for `name`."""
+    def add(
+        self, name: str, tensor: torch.Tensor, weight: float, convert: SliceConvert | None = None
+    ) -> None:
+        """Fold `weight * convert(tensor)` (flattened) into the sums of `name`."""
         check_weight(weight)
-        with self._registry_lock:
-            if self._closed:
-                raise RuntimeError(f"the accumulator is closed; {name!r} arrived too late")
-            known = self.shapes.setdefault(name, (tensor.shape, tensor.dtype))
-            lock = self._locks.setdefault(name, threading.Lock())
-        if known[0] != tensor.shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(known[0])}"
-            )
+        flat = tensor.reshape(-1)
+        lock = self._claim(name, flat.numel())
         with lock:
-            first = name not in self.weights
-            self._accumulate(name, tensor.reshape(-1), weight, first)
-            self.weights[name] = self.weights.get(name, 0.0) + weight
+            first = name not in self._weights
+            try:
+                self._fold(name, flat, weight, convert, first)
+            except BaseException:
+                self._broken.add(name)
+                raise
+            self._weights[name] = self._weights.get(name, 0.0) + weight
+
+    def weight(self, name: str) -> float:
+        """The sum of the weights folded into `name` (0.0 when none was)."""
+        return self._weights.get(name, 0.0)
+
+    def names(self) -> list[str]:
+        """The names that have sums, in the order their first tensor arrived."""
+        return list(self._weights)
+
+    def mean_slices(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start_element, weighted mean slice in accumulate_dtype) for `name`, once: the sums are
+        consumed. A yielded slice is only valid until the next one is asked for."""
+        with self._registry:
+            if name in self._broken:
+                raise RuntimeError(f"the sums of {name!r} are broken: an add failed half way")
+            if name in self._taken:
+                raise ValueError(f"the mean of {name!r} was already taken")
+            if name not in self._weights:
+                raise ValueError(f"no tensor {name!r} was added")
+            self._taken.add(name)
+            lock = self._locks[name]
+        with lock:  # an add already folding finishes first
+            return self._means(name, self._weights[name])
+
+    def seal(self) -> None:
+        """Refuse further adds; the sums stay readable."""
+        with self._registry:
+            self._sealed = True
 
     def close(self) -> None:
-        """Refuse further adds (a straggler's late tensors must not change a finished average)."""
-        with self._registry_lock:
-            self._closed = True
+        """Refuse further adds and release the sums."""
+        self.seal()
 
-    def _accumulate(self, name: str, flat: torch.Tensor, weight: float, first: bool) -> None:
-        raise NotImplementedError
+    def _claim(self, name: str, numel: int) -> threading.Lock:
+        with self._registry:
+            if self._sealed or name in self._taken:
+                raise ValueError(f"tensor {name!r} arrived after its sums were finished")
+            if name in self._broken:
+                raise RuntimeError(f"the sums of {name!r} are broken: an add failed half way")
+            known = self._numels.setdefault(name, numel)
+            if known != numel:
+                raise ValueError(f"tensor {name!r} has {numel} elements, expected {known}")
+            self._allocate(name, numel)
+            return self._locks.setdefault(name, threading.Lock())
+
+    @abstractmethod
+    def _allocate(self, name: str, numel: int) -> None:
+        """Called under the registry lock on every add; reserve space for a new name."""
+
+    @abstractmethod
+    def _fold(
+        self,
+        name: str,
+        flat: torch.Tensor,
+        weight: float,
+        convert: SliceConvert | None,
+        first: bool,
+    ) -> None: ...
+
+    @abstractmethod
+    def _means(self, name: str, weight: float) -> Iterator[tuple[int, torch.Tensor]]: ...
 
 
-class MemoryAccumulator(Accumulator):
-    """Sums in RAM: one accumulate_dtype tensor per model tensor."""
+class MemorySums(Sums):
+    """Sums in RAM: one flat accumulate_dtype tensor per model tensor, freed as its mean is read."""
 
-    def __init__(self, accumulate_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(accumulate_dtype)
+    def __init__(
+        self, accumulate_dtype: torch.dtype = torch.float32, slice_elements: int = SLICE_ELEMENTS
+    ) -> None:
+        super().__init__(accumulate_dtype, slice_elements)
         self._sums: dict[str, torch.Tensor] = {}
 
-    def _accumulate(self, name: str, flat: torch.Tensor, weight: float, first: bool) -> None:
+    def _allocate(self, name: str, numel: int) -> None:
+        """Nothing to reserve: the first fold allocates."""
+
+    def _fold(
+        self,
+        name: str,
+        flat: torch.Tensor,
+        weight: float,
+        convert: SliceConvert | None,
+        first: bool,
+    ) -> None:
         if first:
-            total = torch.empty(flat.shape, dtype=self.accumulate_dtype)
-            self._sums[name] = total.copy_(flat).mul_(weight)
-        else:
-            self._sums[name].add_(flat, alpha=weight)
+            self._sums[name] = torch.empty(flat.numel(), dtype=self.accumulate_dtype)
+        total = self._sums[name]
+        for start, stop in slice_bounds(flat.numel(), self.slice_elements):
+            piece = flat[start:stop]
+            if first:  # the product straight into the sums: no temporary
+                weighted(piece, start, weight, convert, self.accumulate_dtype, total[start:stop])
+            else:
+                total[start:stop].add_(weighted(piece, start, weight, convert, total.dtype))
 
-    def average(self, base: BaseLookup | None = None) -> dict[str, torch.Tensor]:
-        """Each tensor's weighted average in its own dtype (base + average when base is given,
-        i.e. the sums were DIFFs). The sums are divided in place and then released."""
-        self.close()
-        averaged: dict[str, torch.Tensor] = {}
-        for name in list(self._sums):
-            shape, dtype = self.shapes[name]
-            mean = self._sums.pop(name).div_(self.weights[name]).reshape(shape)
-            averaged[name] = mean.to(dtype) if base is None else apply_diff(base(name), mean)
-        return averaged
+    def _means(self, name: str, weight: float) -> Iterator[tuple[int, torch.Tensor]]:
+        total = self._sums.pop(name)
+        for start, stop in slice_bounds(total.numel(), self.slice_elements):
+            yield start, total[start:stop].div_(weight)
+
+    def close(self) -> None:
+        super().close()
+        self._sums.clear()
 
 
-class FileAccumulator(Accumulator):
-    """Sums in one file (a region per tensor), read and written a slice at a time with
-    pread/pwrite, so RAM holds one slice per busy thread whatever the model size. The dirty pages
-    sit in the kernel's page cache, which it writes back and reclaims as it needs."""
+class FileSums(Sums):
+    """Sums in one file (a 64-byte aligned region per tensor), read and written a slice at a time
+    with pread/pwrite, so RAM holds a few slices per busy thread whatever the model size. Dirty
+    pages sit in the kernel's page cache, which writes them back and reclaims them as it needs."""
 
-    def __init__(self, path: str | os.PathLike[str], accumulate_dtype: torch.dtype = torch.float32):
-        super().__init__(accumulate_dtype)
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        accumulate_dtype: torch.dtype = torch.float32,
+        slice_elements: int = SLICE_ELEMENTS,
+    ) -> None:
+        super().__init__(accumulate_dtype, slice_elements)
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._offsets: dict[str, int] = {}
         self._end = 0
         self._itemsize = torch.empty((), dtype=accumulate_dtype).element_size()
-        self._buffers = threading.local()
 
-    def _slice_buffer(self) -> torch.Tensor:
-        buffer: torch.Tensor | None = getattr(self._buffers, "tensor", None)
-        if buffer is None:
-            buffer = torch.empty(FILE_SLICE_ELEMENTS, dtype=self.accumulate_dtype)
-            self._buffers.tensor = buffer
-        return buffer
+    def _allocate(self, name: str, numel: int) -> None:
+        if name not in self._offsets:
+            self._offsets[name] = self._end
+            self._end += -(-numel * self._itemsize // 64) * 64
 
-    def _region(self, name: str, numel: int) -> int:
-        with self._registry_lock:
-            if name not in self._offsets:
-                self._offsets[name] = self._end
-                self._end += -(-numel * self._itemsize // 64) * 64  # 64-byte aligned regions
-            return self._offsets[name]
-
-    def _accumulate(self, name: str, flat: torch.Tensor, weight: float, first: bool) -> None:
-        region = self._region(name, flat.numel())
-        buffer = self._slice_buffer()
-        for start in range(0, flat.numel(), FILE_SLICE_ELEMENTS):
-            piece = flat[start : start + FILE_SLICE_ELEMENTS]
-            sums = buffer[: piece.numel()]
+    def _fold(
+        self,
+        name: str,
+        flat: torch.Tensor,
+        weight: float,
+        convert: SliceConvert | None,
+        first: bool,
+    ) -> None:
+        region = self._offsets[name]
+        sums: torch.Tensor | None = None
+        for start, stop in slice_bounds(flat.numel(), self.slice_elements):
+            product = weighted(flat[start:stop], start, weight, convert, self.accumulate_dtype)
             offset = region + start * self._itemsize
-            if first:
-                sums.copy_(piece).mul_(weight)
-            else:
-                _read_exact(self._fd, sums, offset)
-                sums.add_(piece, alpha=weight)
-            _write_all(self._fd, sums, offset)
+            if not first:
+                if sums is None:
+                    sums = torch.empty(product.numel(), dtype=self.accumulate_dtype)
+                pread_into(self._fd, sums[: product.numel()], offset)
+                product = sums[: product.numel()].add_(product)
+            pwrite_from(self._fd, product, offset)
 
-    def write_average(self, target: str | os.PathLike[str], base: BaseLookup | None = None) -> Path:
-        """Write each tensor's weighted average (base + average when base is given) to a
-        safetensors file at `target`, slice by slice; returns its path."""
-        self.close()
-        names = list(self.weights)
-        header, data_start = _safetensors_header({name: self.shapes[name] for name in names})
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.pwrite(out, header, 0)
-            position = data_start
-            for name in names:
-                position = self._write_tensor(out, position, name, base)
-        finally:
-            os.close(out)
-        return Path(target)
+    def _means(self, name: str, weight: float) -> Iterator[tuple[int, torch.Tensor]]:
+        numel, region = self._numels[name], self._offsets[name]
+        buffer = torch.empty(min(numel, self.slice_elements), dtype=self.accumulate_dtype)
+        for start, stop in slice_bounds(numel, self.slice_elements):
+            mean = buffer[: stop - start]
+            pread_into(self._fd, mean, region + start * self._itemsize)
+            yield start, mean.div_(weight)
 
-    def _write_tensor(self, out: int, position: int, name: str, base: BaseLookup | None) -> int:
-        shape, dtype = self.shapes[name]
-        numel = shape.numel()
-        base_flat = base(name).reshape(-1) if base is not None else None
-        buffer = self._slice_buffer()
-        for start in range(0, numel, FILE_SLICE_ELEMENTS):
-            sums = buffer[: min(FILE_SLICE_ELEMENTS, numel - start)]
-            _read_exact(self._fd, sums, self._offsets[name] + start * self._itemsize)
-            mean = sums.div_(self.weights[name])
-            if base_flat is not None:
-                mean = apply_diff(base_flat[start : start + sums.numel()], mean)
-            piece = mean.to(dtype)
-            _write_all(out, piece, position)
-            position += piece.numel() * piece.element_size()
-        return position
-
-    def close_file(self) -> None:
-        """Close and delete the sums file."""
+    def close(self) -> None:
+        """Refuse further adds, close and delete the sums file."""
+        super().close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
             self.path.unlink(missing_ok=True)
 
 
-# --- file helpers --------------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# --- one round -----------------------------------------------------------------------------------
 
 
-def _safetensors_header(
-    specs: Mapping[str, tuple[torch.Size, torch.dtype]],
-) -> tuple[bytes, int]:
+class RoundAggregation:
+    """One round: clients' tensors into `sums`, then `update` writes the new global model."""
+
+    def __init__(
+        self,
+        base: Mapping[str, torch.Tensor],
+        layouts: Mapping[str, TensorLayout],
+        sums: Sums,
+        update: ServerUpdate,
+    ) -> None:
+        self.base, self.layouts = base, dict(layouts)
+        self.sums, self.update = sums, update
+        self.mode: ParamsType | None = None
+        _check_base(base, self.layouts)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # signalled when an add ends
+        self._claimed: set[tuple[str, str]] = set()
+        self._in_flight: dict[str, int] = {}
+        self._contributors: dict[str, list[str]] = {}
+        self._finished: set[str] = set()
+        self._closed = False
+
+    def add(
+        self,
+        client: str,
+        name: str,
+        tensor: torch.Tensor,
+        weight: float,
+        params_type: ParamsType | str,
+    ) -> None:
+        """Fold `client`'s copy of tensor `name` into the sums, or refuse it whole with a
+        ValueError naming client and tensor."""
+        have = ParamsType.parse(params_type)
+        self._admit(client, name, tensor, weight, have)
+        folded = False
+        try:
+            _check_finite(client, name, tensor, self.sums.slice_elements)
+            self.sums.add(name, tensor, weight, self._converter(name, have))
+            folded = True
+        finally:
+            with self._lock:
+                self._in_flight[name] -= 1
+                if folded:
+                    self._contributors.setdefault(name, []).append(client)
+                else:  # refused before folding (or broken sums, which finish reports)
+                    self._claimed.discard((client, name))
+                self._idle.notify_all()
+
+    def finish_tensor(self, name: str, write: SliceWriter) -> None:
+        """Write the new global tensor `name` slice by slice: write(start_element, new slice in
+        the model's dtype); its sums are consumed. Refuses a tensor no client delivered."""
+        layout = self._close_tensor(name)
+        assert self.mode is not None  # a delivered tensor fixed it
+        base_flat = self.base[name].reshape(-1)
+        self.update.begin_tensor(name, layout)
+        for start, mean in self.sums.mean_slices(name):
+            base_slice = base_flat[start : start + mean.numel()]
+            write(start, self.update.new_slice(name, start, base_slice, mean, self.mode))
+
+    def finish_round(self, write_tensor: TensorWriter) -> RoundOutcome:
+        """Refuse further adds, write every tensor not yet finished (in `layouts` order) through
+        write_tensor(name, start_element, slice), end the update's round and close the sums."""
+        try:
+            with self._lock:
+                self._closed = True
+                self._idle.wait_for(lambda: not any(self._in_flight.values()))
+            pending = [name for name in self.layouts if name not in self._finished]
+            missing = [name for name in pending if self.sums.weight(name) <= 0]
+            if missing:
+                raise ValueError(f"no client delivered {len(missing)} tensors, e.g. {missing[0]!r}")
+            try:
+                for name in pending:
+                    self.finish_tensor(name, partial(write_tensor, name))
+            except BaseException:
+                self.update.abort_round()
+                raise
+            self.update.end_round()
+            assert self.mode is not None
+            return RoundOutcome(self.mode, self.weights(), self.all_contributors())
+        finally:
+            self.close()
+
+    def contributors(self, name: str) -> tuple[str, ...]:
+        """The clients whose copy of `name` was added, sorted."""
+        with self._lock:
+            return tuple(sorted(self._contributors.get(name, ())))
+
+    def all_contributors(self) -> dict[str, tuple[str, ...]]:
+        return {name: self.contributors(name) for name in self.layouts}
+
+    def weight(self, name: str) -> float:
+        """The weight sum of the copies of `name` added so far."""
+        return self.sums.weight(name)
+
+    def weights(self) -> dict[str, float]:
+        return {name: self.sums.weight(name) for name in self.layouts}
+
+    def close(self) -> None:
+        """Refuse further adds and release the sums (an aborted round calls this)."""
+        with self._lock:
+            self._closed = True
+        self.sums.close()
+
+    def _admit(
+        self, client: str, name: str, tensor: torch.Tensor, weight: float, have: ParamsType
+    ) -> None:
+        def refuse(why: str) -> ValueError:
+            return ValueError(f"{client}'s tensor {name!r} {why}")
+
+        if not _is_weight(weight):
+            raise refuse(f"has weight {weight!r}; a weight must be positive and finite")
+        layout = self.layouts.get(name)
+        if layout is None:
+            raise refuse("is not in the model")
+        if tuple(tensor.shape) != layout.shape:
+            raise refuse(f"has shape {tuple(tensor.shape)}, the model's is {layout.shape}")
+        if tensor.is_complex():
+            raise refuse(f"has dtype {tensor.dtype}; complex tensors are not averaged")
+        with self._lock:
+            if self._closed or name in self._finished:
+                raise refuse("arrived after its aggregation was finished")
+            if (client, name) in self._claimed:
+                raise refuse("was already added")
+            self._claimed.add((client, name))
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+            if self.mode is None:  # the first add decides; later ones are converted to it
+                self.mode = have
+
+    def _converter(self, name: str, have: ParamsType) -> SliceConvert | None:
+        if have is self.mode:
+            return None
+        base_flat = self.base[name].reshape(-1)
+        work = work_dtype(base_flat.dtype)
+
+        def convert(start: int, piece: torch.Tensor) -> torch.Tensor:
+            base = base_flat[start : start + piece.numel()].to(work)
+            if have is ParamsType.FULL:  # to DIFF
+                return piece.to(work) - base
+            return base + piece.to(work)
+
+        return convert
+
+    def _close_tensor(self, name: str) -> TensorLayout:
+        layout = self.layouts.get(name)
+        if layout is None:
+            raise ValueError(f"tensor {name!r} is not in the model")
+        with self._lock:
+            if name in self._finished:
+                raise ValueError(f"tensor {name!r} was already finished")
+            self._finished.add(name)  # from here on, adds of it are refused
+            self._idle.wait_for(lambda: not self._in_flight.get(name))
+        if self.sums.weight(name) <= 0:
+            raise ValueError(f"no client delivered tensor {name!r}")
+        return layout
+
+
+def __getattr__(name: str) -> object:
+    """The server updates, importable from here too: fl.server_optimizers imports this module,
+    so they are looked up on first use instead of at import."""
+    if name in {"ServerUpdate", "FedAvgUpdate", "FedAdamUpdate", "fedavg_slice"}:
+        from fl import server_optimizers
+
+        return getattr(server_optimizers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def slice_bounds(numel: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of each slice of at most `size` elements; one empty slice for numel 0."""
+    if numel == 0:
+        yield 0, 0
+    for start in range(0, numel, size):
+        yield start, min(start + size, numel)
+
+
+def weighted(
+    piece: torch.Tensor,
+    start: int,
+    weight: float,
+    convert: SliceConvert | None,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`convert(piece).to(dtype) * weight`, the product rounded on its own (never fused into the
+    following add), so a client's contribution is the same bits on every arrival path."""
+    if convert is not None:
+        piece = convert(start, piece)
+    if out is not None:
+        return torch.mul(piece.to(dtype), weight, out=out)
+    return piece.to(dtype, copy=True).mul_(weight)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What base +/- a mean is computed in: float64 for float64 and integer tensors (exact for
+    integers below 2**53), float32 otherwise."""
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return torch.float64
+    return torch.float32
+
+
+def check_weight(weight: float) -> float:
+    """A weight must be a positive finite number (a sample count)."""
+    if not _is_weight(weight):
+        raise ValueError(f"an aggregation weight must be positive and finite, got {weight!r}")
+    return weight
+
+
+def _is_weight(weight: object) -> bool:
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return False
+    return math.isfinite(weight) and weight > 0
+
+
+def _check_finite(client: str, name: str, tensor: torch.Tensor, slice_elements: int) -> None:
+    if not tensor.dtype.is_floating_point:
+        return
+    flat = tensor.reshape(-1)
+    for start, stop in slice_bounds(flat.numel(), slice_elements):
+        if not bool(torch.isfinite(flat[start:stop]).all()):
+            raise ValueError(f"{client}'s tensor {name!r} holds NaN or infinite values")
+
+
+def _check_base(base: Mapping[str, torch.Tensor], layouts: Mapping[str, TensorLayout]) -> None:
+    for name, layout in layouts.items():
+        if name not in base:
+            raise ValueError(f"the base model has no tensor {name!r}")
+        if TensorLayout.of(base[name]) != layout:
+            found = TensorLayout.of(base[name])
+            raise ValueError(f"base tensor {name!r} is {found}, the layout says {layout}")
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
+
+
+def pread_into(fd: int, into: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous tensor `into` from `fd` at byte `offset`."""
+    view = _bytes_of(into)
+    done = 0
+    while done < view.nbytes:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise OSError(f"file ended at byte {offset + done}, {view.nbytes - done} bytes short")
+        done += count
+
+
+def pwrite_from(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    """Write the tensor's bytes to `fd` at byte `offset`."""
+    view = _bytes_of(tensor.contiguous())
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+# --- what fl/fedavg.py uses until it is wired to RoundAggregation (then delete this section) -----
+
+FILE_SLICE_ELEMENTS = SLICE_ELEMENTS
+BaseLookup = Callable[[str], torch.Tensor]
+Accumulator = Sums
+
+
+def as_params_type(
+    tensor: torch.Tensor, have: ParamsType, want: ParamsType, base: torch.Tensor | None
+) -> torch.Tensor:
+    """Convert one whole tensor between FULL and DIFF against `base` (the model sent)."""
+    if have is want:
+        return tensor
+    if base is None:
+        raise ValueError(f"cannot turn a {have.value} update into {want.value} without the base")
+    if want is ParamsType.FULL:
+        return (base.to(torch.float32) + tensor.to(torch.float32)).to(base.dtype)
+    return tensor.to(torch.float32) - base.to(torch.float32)
+
+
+class _Legacy(Sums):
+    """The old accumulator surface: `weights`, `shapes`, `close_file()`, averages by name."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
+
+    def add(
+        self, name: str, tensor: torch.Tensor, weight: float, convert: SliceConvert | None = None
+    ) -> None:
+        known = self.shapes.setdefault(name, (tensor.shape, tensor.dtype))
+        if known[0] != tensor.shape:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {known[0]}"
+            )
+        super().add(name, tensor, weight, convert)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def close_file(self) -> None:
+        self.close()
+
+    def _averaged_slices(
+        self, name: str, base: BaseLookup | None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        dtype = self.shapes[name][1]
+        base_flat = base(name).reshape(-1) if base is not None else None
+        for start, mean in self.mean_slices(name):
+            if base_flat is None:
+                yield start, mean.to(dtype)
+            else:
+                base_slice = base_flat[start : start + mean.numel()]
+                yield start, (base_slice.to(torch.float32) + mean).to(base_slice.dtype)
+
+
+class MemoryAccumulator(_Legacy, MemorySums):
+    def average(self, base: BaseLookup | None = None) -> dict[str, torch.Tensor]:
+        """Each tensor's weighted average (base + average when base is given)."""
+        self.seal()
+        averaged: dict[str, torch.Tensor] = {}
+        for name in self.names():
+            shape, dtype = self.shapes[name]
+            out = torch.empty(shape, dtype=base(name).dtype if base else dtype)
+            for start, piece in self._averaged_slices(name, base):
+                out.view(-1)[start : start + piece.numel()] = piece
+            averaged[name] = out
+        return averaged
+
+
+class FileAccumulator(_Legacy, FileSums):
+    def write_average(self, target: str | os.PathLike[str], base: BaseLookup | None = None) -> Path:
+        """Write each tensor's weighted average to a safetensors file at `target`."""
+        self.seal()
+        names = self.names()
+        header, position = _safetensors_header({n: self.shapes[n] for n in names})
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.pwrite(out, header, 0)
+            for name in names:
+                for _, piece in self._averaged_slices(name, base):
+                    pwrite_from(out, piece, position)
+                    position += piece.numel() * piece.element_size()
+        finally:
+            os.close(out)
+        return Path(target)
+
+
+_SAFETENSORS_DTYPES = dict(
+    zip(
+        (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32),
+        ("F64", "F32", "F16", "BF16", "I64", "I32"),
+        strict=True,
+    )
+) | {torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _safetensors_header(specs: Mapping[str, tuple[torch.Size, torch.dtype]]) -> tuple[bytes, int]:
     """The length prefix and JSON header of a safetensors file laying tensors out in order."""
     entries: dict[str, object] = {}
     offset = 0
     for name, (shape, dtype) in specs.items():
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
         size = shape.numel() * torch.empty((), dtype=dtype).element_size()
         entries[name] = {
             "dtype": _SAFETENSORS_DTYPES[dtype],
@@ -254,24 +681,3 @@ def _safetensors_header(
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, 8 + len(text)
-
-
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return tensor.reshape(-1).view(torch.uint8).numpy().data
-
-
-def _read_exact(fd: int, into: torch.Tensor, offset: int) -> None:
-    view = _bytes_of(into)
-    done = 0
-    while done < view.nbytes:
-        count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
-            raise OSError(f"accumulator file ended at byte {offset + done}")
-        done += count
-
-
-def _write_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
-    view = _bytes_of(tensor.contiguous())
-    done = 0
-    while done < view.nbytes:
-        done += os.pwrite(fd, view[done:], offset + done)
