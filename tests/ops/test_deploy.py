@@ -26,6 +26,8 @@ DEPLOY = ROOT / "deploy"
 HELP_ENV = {"COLUMNS": "200", "NO_COLOR": "1"}  # wide help: no flag is cut short
 # The ops server's paths (transport/metrics.py) that probes may name.
 HEALTH_PATHS = {"/healthz", "/readyz", "/metrics"}
+# The kinds that run the daemons' pods (deploy/k8s runs them as Jobs: a finished daemon exits 0).
+WORKLOADS = ("Deployment", "Job")
 
 
 def files(pattern: str) -> list[Path]:
@@ -66,14 +68,16 @@ def test_k8s_objects_are_well_formed() -> None:
     for path in files("k8s/*.yaml"):
         for doc in yaml_documents(path):
             assert {"apiVersion", "kind"} <= set(doc), path
-            if doc["kind"] == "Deployment":
-                check_deployment(doc)
+            if doc["kind"] in WORKLOADS:
+                check_workload(doc)
 
 
-def check_deployment(doc: dict[str, Any]) -> None:
+def check_workload(doc: dict[str, Any]) -> None:
     name = doc["metadata"]["name"]
     spec = doc["spec"]
-    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    if "selector" in spec:  # a Job's is generated
+        labels = spec["template"]["metadata"]["labels"].items()
+        assert spec["selector"]["matchLabels"].items() <= labels
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True, name
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
@@ -95,9 +99,9 @@ def check_probe(probe: dict[str, Any], ports: dict[str, int], where: str) -> Non
         assert probe["exec"]["command"][:2] == ["tensorwire", "health"], where
 
 
-def test_k8s_services_select_a_deployment() -> None:
+def test_k8s_services_select_a_workload() -> None:
     docs = [doc for path in files("k8s/*.yaml") for doc in yaml_documents(path)]
-    pods = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"]
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] in WORKLOADS]
     for service in (d for d in docs if d["kind"] == "Service"):
         selector = service["spec"]["selector"].items()
         assert any(selector <= labels.items() for labels in pods), service["metadata"]["name"]
@@ -189,7 +193,7 @@ def invocations() -> Iterator[tuple[str, list[str]]]:
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc["kind"] != "Deployment":
+    if doc["kind"] not in WORKLOADS:
         return []
     return list(doc["spec"]["template"]["spec"]["containers"])
 
