@@ -3,9 +3,25 @@
     server -> client  transfer  {"fl": "task", task_id, task, round, total_rounds,
                                  params_type, meta}
     client -> server  transfer  {"fl": "result", task_id, params_type, metrics, meta}
-    client -> server  request   {"fl": "hello"} | {"fl": "heartbeat", task_id?} |
+                                (transfer id "<task_id>/<site>/result")
+    client -> server  request   {"fl": "hello"} | {"fl": "heartbeat", task_id, sent} |
                                 {"fl": "error", task_id, message}
-    server -> client  request   {"fl": "stop", reason}
+    server -> client  request   {"fl": "stop", reason} | {"fl": "resend", task_id}
+
+A heartbeat's `task_id` is the task the client is working on (received, result not sent yet) and
+`sent` the task whose result it last delivered with a committed verdict, as long as no newer task
+has arrived (both null otherwise). The server answers a hello or a heartbeat with
+{"fl": <kind>, job}, or with {"fl": "stop", reason, job} once the job is over.
+
+STOP ends the job for the client: it stops waiting for tasks and its script exits 0; a receive
+in progress is cancelled, a send in progress may still finish. RESEND asks the client to send its
+result for `task_id` again (a server restarted after it took the result, and lost it): the client
+answers {"fl": "resend", "ok": true} and sends it again in the background, with the same transfer
+id and meta, when it still holds that result (it keeps the last one until the next task arrives);
+{"fl": "resend", "ok": false} otherwise.
+
+Task ids name a task across server restarts (e.g. "job/round-3"): a restarted server sends the
+same task again under the same id, so neither side may assume an id is new per server process.
 
 Everything that arrives is checked here; a malformed message is a ProtocolViolation naming the
 field, which the receiver turns into a rejected transfer or a failed request, never a crash.
@@ -20,13 +36,14 @@ from typing import Any
 
 from fl.model import FLModel, ParamsType
 
-TASK, RESULT, HELLO, HEARTBEAT, ERROR, STOP = (
+TASK, RESULT, HELLO, HEARTBEAT, ERROR, STOP, RESEND = (
     "task",
     "result",
     "hello",
     "heartbeat",
     "error",
     "stop",
+    "resend",
 )
 
 
@@ -76,6 +93,23 @@ def result_meta(task_id: str, model: FLModel) -> dict[str, Any]:
         "metrics": json_checked(model.metrics, "metrics"),
         "meta": json_checked(model.meta, "meta"),
     }
+
+
+def result_transfer_id(task_id: str, site: str) -> str:
+    """The transfer id of a site's result for a task: the same on every (re-)send of it, so a
+    server that already committed it is not sent it twice, and an interrupted one resumes."""
+    return f"{task_id}/{site}/result"
+
+
+def heartbeat(task_id: str | None, sent: str | None) -> dict[str, Any]:
+    """A client's heartbeat: its open task and the task whose result it last delivered."""
+    return {"fl": HEARTBEAT, "task_id": task_id, "sent": sent}
+
+
+def resend_task_id(request: Mapping[str, Any]) -> str:
+    """The task id of a RESEND request, checked."""
+    _expect_kind(request, RESEND)
+    return _string(request, "task_id")
 
 
 def json_checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:
