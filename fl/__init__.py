@@ -3,8 +3,11 @@ API.
 
     fl.client      the Client API for training scripts: init, is_running, receive, send
     fl.model       FLModel and ParamsType (FULL / DIFF)
-    fl.controller  the Controller API for server algorithms; fl.fedavg: streaming FedAvg
-    fl.aggregation pure aggregation functions and the per-tensor accumulators (memory / file)
+    fl.controller  the Controller API for server algorithms; fl.fedavg / fl.fedadam: FedAvg and
+                   FedAdam, streaming, with job state that survives a restart (fl.job_state)
+    fl.aggregation the pure streaming aggregator (sums in memory or a file, tensor by tensor);
+                   fl.server_optimizers: the update rules (FedAvg, FedAdam)
+    fl.model_file  the global model as a safetensors file: mmap'd views, written slice by slice
     fl.server      FLServer: clients, tasks, results;  fl.protocol: the FL messages
     fl.daemons     `tensorwire server` / `client`;  fl.config: their TOML/YAML configuration
     fl.demo        `tensorwire demo`;  fl.task: the generated training task

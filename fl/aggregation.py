@@ -46,10 +46,8 @@ call per tensor (an empty tensor gets one empty slice); a slice is only valid du
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -566,118 +564,3 @@ def pwrite_from(fd: int, tensor: torch.Tensor, offset: int) -> None:
     done = 0
     while done < view.nbytes:
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-# --- what fl/fedavg.py uses until it is wired to RoundAggregation (then delete this section) -----
-
-FILE_SLICE_ELEMENTS = SLICE_ELEMENTS
-BaseLookup = Callable[[str], torch.Tensor]
-Accumulator = Sums
-
-
-def as_params_type(
-    tensor: torch.Tensor, have: ParamsType, want: ParamsType, base: torch.Tensor | None
-) -> torch.Tensor:
-    """Convert one whole tensor between FULL and DIFF against `base` (the model sent)."""
-    if have is want:
-        return tensor
-    if base is None:
-        raise ValueError(f"cannot turn a {have.value} update into {want.value} without the base")
-    if want is ParamsType.FULL:
-        return (base.to(torch.float32) + tensor.to(torch.float32)).to(base.dtype)
-    return tensor.to(torch.float32) - base.to(torch.float32)
-
-
-class _Legacy(Sums):
-    """The old accumulator surface: `weights`, `shapes`, `close_file()`, averages by name."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
-
-    def add(
-        self, name: str, tensor: torch.Tensor, weight: float, convert: SliceConvert | None = None
-    ) -> None:
-        known = self.shapes.setdefault(name, (tensor.shape, tensor.dtype))
-        if known[0] != tensor.shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {known[0]}"
-            )
-        super().add(name, tensor, weight, convert)
-
-    @property
-    def weights(self) -> dict[str, float]:
-        return dict(self._weights)
-
-    def close_file(self) -> None:
-        self.close()
-
-    def _averaged_slices(
-        self, name: str, base: BaseLookup | None
-    ) -> Iterator[tuple[int, torch.Tensor]]:
-        dtype = self.shapes[name][1]
-        base_flat = base(name).reshape(-1) if base is not None else None
-        for start, mean in self.mean_slices(name):
-            if base_flat is None:
-                yield start, mean.to(dtype)
-            else:
-                base_slice = base_flat[start : start + mean.numel()]
-                yield start, (base_slice.to(torch.float32) + mean).to(base_slice.dtype)
-
-
-class MemoryAccumulator(_Legacy, MemorySums):
-    def average(self, base: BaseLookup | None = None) -> dict[str, torch.Tensor]:
-        """Each tensor's weighted average (base + average when base is given)."""
-        self.seal()
-        averaged: dict[str, torch.Tensor] = {}
-        for name in self.names():
-            shape, dtype = self.shapes[name]
-            out = torch.empty(shape, dtype=base(name).dtype if base else dtype)
-            for start, piece in self._averaged_slices(name, base):
-                out.view(-1)[start : start + piece.numel()] = piece
-            averaged[name] = out
-        return averaged
-
-
-class FileAccumulator(_Legacy, FileSums):
-    def write_average(self, target: str | os.PathLike[str], base: BaseLookup | None = None) -> Path:
-        """Write each tensor's weighted average to a safetensors file at `target`."""
-        self.seal()
-        names = self.names()
-        header, position = _safetensors_header({n: self.shapes[n] for n in names})
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.pwrite(out, header, 0)
-            for name in names:
-                for _, piece in self._averaged_slices(name, base):
-                    pwrite_from(out, piece, position)
-                    position += piece.numel() * piece.element_size()
-        finally:
-            os.close(out)
-        return Path(target)
-
-
-_SAFETENSORS_DTYPES = dict(
-    zip(
-        (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32),
-        ("F64", "F32", "F16", "BF16", "I64", "I32"),
-        strict=True,
-    )
-) | {torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def _safetensors_header(specs: Mapping[str, tuple[torch.Size, torch.dtype]]) -> tuple[bytes, int]:
-    """The length prefix and JSON header of a safetensors file laying tensors out in order."""
-    entries: dict[str, object] = {}
-    offset = 0
-    for name, (shape, dtype) in specs.items():
-        size = shape.numel() * torch.empty((), dtype=dtype).element_size()
-        entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, 8 + len(text)

@@ -114,7 +114,7 @@ def run_server_daemon(
     bar per round; True if it ran to its end."""
     from fl.daemons import build_fedavg, serve
 
-    controller = build_fedavg(settings.fedavg)
+    controller = build_fedavg(settings.fedavg, settings.state_dir)
     bars = RoundProgress(controller, enabled=progress.progress_wanted(quiet))
     controller.on_round_start = bars.started
     controller.on_round = _both(_both(bars.ended, controller.on_round), record_round)

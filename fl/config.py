@@ -38,15 +38,31 @@ class FedAvgSettings(_Strict):
     # Padding for the built-in task's MLP, e.g. "1GiB", "256MiB" or a number of bytes; a
     # ByteSize, so a bad spelling is refused with the config's other errors, before any work.
     model_size: ByteSize = ByteSize(0)
-    accumulator_dir: str | None = None  # keep the sums (and new models) in files here
+    # Built-in task only: the dtype the model is trained and sent in.
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    accumulator_dir: str | None = None  # keep the sums in files here instead of RAM
     save_path: str | None = None  # write the final model here (safetensors)
+    algorithm: Literal["fedavg", "fedadam"] = "fedavg"
+    fedadam: FedAdamSettings = Field(default_factory=lambda: FedAdamSettings())
+
+
+class FedAdamSettings(_Strict):
+    """Server-side Adam on the averaged update (Reddi et al. 2021); the paper's defaults."""
+
+    eta: float = Field(1e-2, gt=0)  # server learning rate
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)  # adaptivity: keeps the step finite where v is ~0
 
 
 class ServerConfig(_Strict):
     """`tensorwire server`."""
 
     listen: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:8765"], min_length=1)
-    job: str = "job"
+    job: str = Field("job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    # The job's state (round, global model, optimizer state, history): a restarted server
+    # continues from it. Relative paths are from the working directory.
+    state_dir: str = "state"
     pki_dir: str | None = None  # serve mutual TLS with the PKI `tensorwire certs` made
     auth_tokens: list[str] | None = None
     allowed_clients: list[str] | None = None  # certificate names (CN) admitted; None: any

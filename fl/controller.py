@@ -6,27 +6,69 @@ class MyAlgorithm(Controller):
         for round in range(self.rounds):
             clients = await self.sample_clients(3, min_clients=2)
             task = self.send_model(model, clients)
-            results = await self.gather(task, min_clients=2)   # failures are results too
+            gathered = await self.gather(task, min_clients=2)   # failures are data too
+            models = gathered.models                            # client -> FLModel
             ...
         self.save_model(model, "final.safetensors")
+
+Algorithms see models (FLModel) and tensors only. To aggregate as results stream in (a model of
+any size, one model of sums), pass a `RoundAggregation` (fl/aggregation.py) to gather(): each
+client's tensors are folded into it as they arrive and its `models` then carry metrics and meta
+but no params.
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fl.aggregation import RoundAggregation
 from fl.model import FLModel
-from fl.server import ClientResult, FLServer, SinkFactory, Task
+from fl.model_file import ModelFile, write_model_file
+from fl.server import ClientResult, FLServer, Task, TensorHook
 
 
 class NotEnoughClients(RuntimeError):
     """Fewer clients joined, or returned a result, than a min_clients rule asks for."""
+
+
+@dataclass
+class Gathered:
+    """What gather() brought back: each client's model (its params are None when they were
+    streamed into an aggregation), each failed client's reason, and the traffic."""
+
+    models: dict[str, FLModel] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    @classmethod
+    def of(cls, results: Sequence[ClientResult]) -> Gathered:
+        gathered = cls(bytes_sent=sum(result.bytes_sent for result in results))
+        for result in results:
+            if result.ok and result.info is not None:
+                gathered.models[result.client] = _model_of(result)
+                gathered.bytes_received += result.bytes_received
+            else:
+                gathered.failed[result.client] = result.error or "no result"
+        return gathered
+
+
+def _model_of(result: ClientResult) -> FLModel:
+    assert result.info is not None
+    params = result.value if isinstance(result.value, dict) else None
+    return FLModel(
+        params=params,
+        params_type=result.info.params_type,
+        metrics=dict(result.info.metrics),
+        meta=dict(result.info.meta),
+    )
 
 
 class Controller(ABC):
@@ -62,36 +104,43 @@ class Controller(ABC):
             return live
         return sorted(random.Random(seed).sample(live, count))
 
-    def send_model(self, model: FLModel, clients: Sequence[str], task_name: str = "train") -> Task:
-        """Stream `model` to `clients` in the background; pass the Task to gather()."""
-        return self.server.send_model(model, clients, task_name)
+    def send_model(
+        self,
+        model: FLModel,
+        clients: Sequence[str],
+        task_name: str = "train",
+        task_id: str | None = None,
+    ) -> Task:
+        """Stream `model` to `clients` in the background; pass the Task to gather(). A stable
+        `task_id` lets a restarted server resume the same task (see FLServer.send_model)."""
+        return self.server.send_model(model, clients, task_name, task_id)
 
     async def gather(
         self,
         task: Task,
-        sink_for: SinkFactory | None = None,
+        aggregation: RoundAggregation | None = None,
         *,
         min_clients: int = 1,
         wait_after_min: float | None = None,
-        on_result: Callable[[ClientResult], None] | None = None,
-    ) -> list[ClientResult]:
-        """Every client's result (failures as results with `error`); NotEnoughClients if fewer
-        than `min_clients` succeeded. See FLServer.gather for the waiting rules."""
+        on_tensor: TensorHook | None = None,
+    ) -> Gathered:
+        """Every client's result (failures as data); NotEnoughClients if fewer than
+        `min_clients` succeeded. See FLServer.gather for the waiting rules."""
         results = await self.server.gather(
             task,
-            sink_for,
+            aggregation,
             min_clients=min_clients,
             wait_after_min=wait_after_min,
-            on_result=on_result,
+            on_tensor=on_tensor,
         )
-        succeeded = sum(result.ok for result in results)
-        if succeeded < min_clients:
-            failures = "; ".join(f"{r.client}: {r.error}" for r in results if not r.ok)
+        gathered = Gathered.of(results)
+        if len(gathered.models) < min_clients:
+            failures = "; ".join(f"{name}: {why}" for name, why in gathered.failed.items())
             raise NotEnoughClients(
-                f"{succeeded} of {len(results)} clients returned a result, min_clients is "
-                f"{min_clients} ({failures})"
+                f"{len(gathered.models)} of {len(results)} clients returned a result, "
+                f"min_clients is {min_clients} ({failures})"
             )
-        return results
+        return gathered
 
     @staticmethod
     def load_model(path: str | Path) -> FLModel:
@@ -99,16 +148,14 @@ class Controller(ABC):
         return FLModel(params=load_file(str(path)))
 
     @staticmethod
-    def save_model(model: FLModel, path: str | Path) -> Path:
-        """Write the model's state dict to a safetensors file (atomically: via a temporary)."""
+    def save_model(model: FLModel | ModelFile, path: str | Path) -> Path:
+        """Write the model to a safetensors file (atomically: via a temporary). A model that
+        lives in a file (ModelFile) is copied slice by slice, never loaded whole."""
+        if isinstance(model, ModelFile):
+            return model.copy_to(path)
         if model.params is None or not isinstance(model.params, dict):
-            raise ValueError("save_model needs a model whose params are an in-memory dict")
-        target = Path(path)
-        partial = target.with_name(target.name + ".partial")
-        tensors = {name: tensor.contiguous() for name, tensor in model.params.items()}
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        partial.replace(target)
-        return target
+            raise ValueError("save_model needs an in-memory state dict or a ModelFile")
+        return write_model_file(path, model.params)
 
 
 def state_dict_of(model: FLModel) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ connects through the Client API, with retry and backoff, and sends heartbeats.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import runpy
@@ -18,14 +17,28 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from fl.client import EXIT_NOT_ADMITTED, ClientSettings, FLClient, NotAdmitted, bound_to
+import torch
+
+from fl.client import ClientSettings, FLClient, NotAdmitted, bound_to, install_stop_signals
 from fl.config import ClientConfig, FedAvgSettings, ServerConfig
 from fl.controller import Controller
+from fl.exit_codes import (
+    EXIT_FAILURE,
+    EXIT_NOT_ADMITTED,
+    EXIT_OK,
+    EXIT_SERVER_LOST,
+    EXIT_USAGE,
+    daemon_status,
+)
+from fl.fedadam import FedAdam
 from fl.fedavg import FedAvg, RoundReport
 from fl.model import FLModel
+from fl.rss import return_freed_memory
 from fl.server import FLServer
 from fl.task import MLP
 from transport import EndpointConfig, server_tls
@@ -46,23 +59,39 @@ def server_endpoint_config(config: ServerConfig) -> EndpointConfig:
     )
 
 
-def initial_model(settings: FedAvgSettings) -> FLModel:
+def initial_model(settings: FedAvgSettings) -> FLModel | Path:
+    """The configured initial model file, or the built-in task's MLP (seeded: every start of
+    the server builds the same one)."""
     if settings.initial_model:
-        return Controller.load_model(settings.initial_model)
-    return FLModel(params=MLP(padding_bytes=int(settings.model_size)).state_dict())
+        return Path(settings.initial_model)
+    dtype = getattr(torch, settings.model_dtype)
+    state_dict = MLP(padding_bytes=int(settings.model_size)).state_dict()
+    return FLModel(params={name: tensor.to(dtype) for name, tensor in state_dict.items()})
 
 
-def build_fedavg(settings: FedAvgSettings) -> FedAvg:
-    return FedAvg(
-        initial_model(settings),
-        rounds=settings.rounds,
-        num_clients=settings.num_clients,
-        min_clients=settings.min_clients,
-        wait_after_min=settings.wait_after_min,
-        join_timeout=settings.join_timeout,
-        accumulator_dir=settings.accumulator_dir,
-        on_round=_log_round,
-    )
+def build_fedavg(settings: FedAvgSettings, state_dir: str | Path | None = None) -> FedAvg:
+    """The job's controller: FedAvg, or FedAdam when `algorithm = "fedadam"`."""
+    options: dict[str, Any] = {
+        "rounds": settings.rounds,
+        "num_clients": settings.num_clients,
+        "min_clients": settings.min_clients,
+        "wait_after_min": settings.wait_after_min,
+        "join_timeout": settings.join_timeout,
+        "state_dir": state_dir,
+        "accumulator_dir": settings.accumulator_dir,
+        "on_round": _log_round,
+    }
+    if settings.algorithm == "fedadam":
+        adam = settings.fedadam
+        return FedAdam(
+            initial_model(settings),
+            eta=adam.eta,
+            beta1=adam.beta1,
+            beta2=adam.beta2,
+            tau=adam.tau,
+            **options,
+        )
+    return FedAvg(initial_model(settings), **options)
 
 
 def _log_round(report: RoundReport) -> None:
@@ -75,17 +104,21 @@ def _log_round(report: RoundReport) -> None:
 
 
 async def serve(config: ServerConfig, controller: Controller | None = None) -> bool:
-    """Run one job to its end; False when SIGTERM/SIGINT stopped it first."""
-    controller = controller or build_fedavg(config.fedavg)
+    """Run the job to its end (or continue it from its state directory); False when
+    SIGTERM/SIGINT stopped it first. A job that already finished is reported, not run again."""
+    return_freed_memory()  # the server's RSS follows what it holds (fl/rss.py)
+    controller = controller or build_fedavg(config.fedavg, config.state_dir)
     server = FLServer(
         server_endpoint_config(config),
         job=config.job,
         heartbeat_timeout=config.heartbeat_timeout,
         reconnect_grace=config.reconnect_grace,
     )
+    controller.attach(server)
+    if isinstance(controller, FedAvg) and _already_finished(controller, config):
+        return True
     urls = await server.start(config.listen)
     print(f"tensorwire server: job {config.job} listening on {' '.join(urls)}", flush=True)
-    controller.attach(server)
     job = asyncio.ensure_future(controller.run())
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -98,17 +131,52 @@ async def serve(config: ServerConfig, controller: Controller | None = None) -> b
     except asyncio.CancelledError:
         print("tensorwire server: stopping on a signal", flush=True)
     finally:
+        # Told after the job is cancelled, a client whose transfer the closing server cut takes
+        # the STOP as the end of the job (fl/client.py), not as a failure.
         await server.close(reason="job finished" if finished else "server stopped")
     return finished
 
 
+def _already_finished(controller: FedAvg, config: ServerConfig) -> bool:
+    """Open the job's state; a finished job prints what it did (and saves its model again if
+    that file went missing) instead of running again."""
+    state = controller.open_state()
+    if not state.finished:
+        if controller.resumed_from is not None:
+            print(
+                f"tensorwire server: job {config.job} continues at round "
+                f"{state.round + 1} of {state.rounds} (state in {config.state_dir})",
+                flush=True,
+            )
+        return False
+    print(
+        f"tensorwire server: job {config.job} already finished its {state.rounds} rounds "
+        f"(state in {config.state_dir}); nothing to do",
+        flush=True,
+    )
+    if config.fedavg.save_path and not Path(config.fedavg.save_path).is_file():
+        _save_final(controller, config.fedavg.save_path)
+    return True
+
+
 def _save_final(controller: Controller, path: str | None) -> None:
     if path and isinstance(controller, FedAvg):
-        Controller.save_model(controller.model, path)
+        controller.save_final(path)
         print(f"tensorwire server: final model saved to {path}", flush=True)
 
 
 # --- client --------------------------------------------------------------------------------------
+#
+# `tensorwire client` runs the site's script until the job ends, and exits with one of the
+# statuses of fl/exit_codes.py: 0 when the job finished, the server stopped it, or SIGTERM/SIGINT
+# stopped the client (the script first tells the server, and the round goes on without this
+# site); 1 on failure (the server unreachable for longer than connect_timeout or idle_timeout, the
+# script failing more than max_restarts times); 2 on a configuration or usage error; 77 when the
+# server refused the site's credentials. Neither 2 nor 77 is worth a restart.
+
+# How long a script told to stop (SIGTERM) may take to report and close before it is killed;
+# its own exit is bounded well below this (REPORT_TIMEOUT_S, the transport's close grace).
+SCRIPT_STOP_GRACE_S = 30.0
 
 
 def client_settings(config: ClientConfig, *, progress: bool = False) -> ClientSettings:
@@ -125,8 +193,8 @@ def client_settings(config: ClientConfig, *, progress: bool = False) -> ClientSe
 
 
 def run_client(config: ClientConfig, *, progress: bool = False) -> int:
-    """Run the site's script until the job ends; returns the exit status. With `progress`
-    the script's transfers draw bars (on a terminal)."""
+    """Run the site's script until the job ends; returns the exit status (fl/exit_codes.py).
+    With `progress` the script's transfers draw bars (on a terminal)."""
     script = Path(config.script)
     if not script.is_file():
         raise FileNotFoundError(f"the training script {script} does not exist")
@@ -137,61 +205,115 @@ def run_client(config: ClientConfig, *, progress: bool = False) -> int:
 
 
 def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> int:
+    """Run the script in this thread, on a client bound to it. SIGTERM/SIGINT end it through
+    StoppedBySignal: the open task is reported, the connection closed, and the status is 0."""
     client = FLClient(settings)
     saved_argv = sys.argv
-    sys.argv = [str(script), *args]
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    restore_signals = install_stop_signals()
     try:
+        sys.argv = [str(script), *args]
         with bound_to(client), client:
             runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exit:  # JobStopped, sys.exit() in the script, or SIGTERM
-        return exit.code if isinstance(exit.code, int) else 1
+    except SystemExit as exit:  # the job's end, a signal, the server lost, or sys.exit()
+        return _script_ended(exit.code, script)
     except NotAdmitted as refusal:
         print(f"tensorwire client: {refusal}", file=sys.stderr, flush=True)
         return EXIT_NOT_ADMITTED
+    except Exception:
+        traceback.print_exc()
+        print(f"tensorwire client: {script} failed", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     finally:
         sys.argv = saved_argv
-    return 0
+        restore_signals()
+    return EXIT_OK
+
+
+def _script_ended(status: object, script: Path) -> int:
+    """The daemon's status for a script that ended with `status` and is not restarted."""
+    if status == EXIT_SERVER_LOST:
+        print(f"tensorwire client: {script} lost the server; giving up", flush=True)
+    elif status == EXIT_USAGE:
+        print(f"tensorwire client: {script} was started wrongly (status 2); check its args")
+    return daemon_status(status)
 
 
 class _Supervisor:
-    """Forwards SIGTERM/SIGINT to the running script and stops restarting it."""
+    """Runs the script; on SIGTERM/SIGINT forwards SIGTERM to it (once), stops restarting it,
+    and kills it if it has not ended SCRIPT_STOP_GRACE_S later."""
 
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
-        self.stopping = False
+        self._stop_asked_at: float | None = None  # set by a signal
+
+    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.child = subprocess.Popen(command, env=env)
+        if self.stopping():  # a signal came while it was being started
+            self._forward()
+        return self.child
+
+    def wait_child(self) -> int:
+        """The script's exit status, once it ended (killed if it outlives a stop's grace)."""
+        assert self.child is not None
+        while True:
+            try:
+                return self.child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                asked = self._stop_asked_at
+                if asked is not None and time.monotonic() - asked > SCRIPT_STOP_GRACE_S:
+                    print(
+                        f"tensorwire client: the script did not stop within "
+                        f"{SCRIPT_STOP_GRACE_S:g} s; killing it",
+                        flush=True,
+                    )
+                    self.child.kill()
 
     def wait(self, seconds: float) -> bool:
-        """Sleep `seconds` (a signal cuts it short); True when a signal asked us to stop."""
-        with contextlib.suppress(InterruptedError):
-            time.sleep(seconds)
-        return self.stopping
+        """Wait `seconds` (a signal cuts it short); True when a signal asked us to stop."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.stopping()
+
+    def stopping(self) -> bool:
+        """Whether SIGTERM/SIGINT asked the daemon to stop."""
+        return self._stop_asked_at is not None
 
     def on_signal(self, number: int, frame: FrameType | None) -> None:
-        self.stopping = True
+        if self.stopping():
+            return  # the script was told once; a second SIGTERM would only cut its exit short
+        self._stop_asked_at = time.monotonic()
+        self._forward()
+
+    def _forward(self) -> None:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
 
 
 def _supervise(config: ClientConfig, script: Path, settings: ClientSettings) -> int:
+    """Run the script in a subprocess, restarted with exponential backoff when it fails (at most
+    max_restarts times); not when the server refused the site, the script was started wrongly,
+    or it gave up on an unreachable server (it already waited as long as it was told to)."""
     supervisor = _Supervisor()
     signal.signal(signal.SIGTERM, supervisor.on_signal)
     signal.signal(signal.SIGINT, supervisor.on_signal)
     env = {**os.environ, **settings.environment()}
     restarts = 0
-    while True:
-        supervisor.child = subprocess.Popen([sys.executable, str(script), *config.args], env=env)
-        status = supervisor.child.wait()
-        if status == 0 or supervisor.stopping:
-            return 0 if supervisor.stopping else status
+    while not supervisor.stopping():
+        supervisor.start([sys.executable, str(script), *config.args], env)
+        status = supervisor.wait_child()
+        if supervisor.stopping():  # told to stop: the script told the server, whatever its status
+            return EXIT_OK
         if status == EXIT_NOT_ADMITTED:
             print(f"tensorwire client: the server refused {config.site}; not restarting")
-            return status
+            return EXIT_NOT_ADMITTED
+        if status in (EXIT_OK, EXIT_USAGE, EXIT_SERVER_LOST):
+            return _script_ended(status, script)
         if restarts >= config.max_restarts:
             print(f"tensorwire client: {script} failed {restarts + 1} times; giving up")
-            return status
+            return EXIT_FAILURE
         delay = config.restart_backoff * 2**restarts
         restarts += 1
         print(f"tensorwire client: {script} exited {status}; restart {restarts} in {delay:g} s")
-        if supervisor.wait(delay):
-            return 0
+        supervisor.wait(delay)
+    return EXIT_OK

@@ -1,37 +1,46 @@
-"""FedAvg on the Controller API, aggregating tensor by tensor as results stream in.
+"""FedAvg (and FedAdam) on the Controller API: aggregation as results stream in, 1x server memory,
+job state that survives a restart.
 
-Each client's result is received into a CallbackSink whose callback folds the tensor into a
-running weighted sum (weights: each client's sample count) and lets it go. The server therefore
-holds the current global model plus one model's worth of sums plus the transport window, whatever
-the number of clients; with `accumulator_dir` the sums live in a file and the new global model is
-written there too, so a server can aggregate a model larger than its RAM.
+Each round the global model is a safetensors file in the job's state directory, sent to the
+sampled clients by mmap. Every client's result is folded tensor by tensor into a
+`RoundAggregation` (fl/aggregation.py: weighted sums in memory or in a file, and the algorithm's
+update rule), and the next global model is written slice by slice into a new file. The server
+therefore holds no model in anonymous memory: at most one model of sums (memory sums) or a few
+16 MiB slices (file sums, `accumulator_dir`), plus the transport's windows.
+
+After every round (and when a round starts: which clients it sampled) the job state is written
+atomically (fl/job_state.py). A server started again with the same state directory continues the
+round it was in: it sends the same task again (same transfer ids, so the clients' downloads resume
+and their uploads in flight are taken), and asks a client that had already delivered its result
+to the lost server process to send it again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fl.aggregation import (
-    Accumulator,
-    BaseLookup,
-    FileAccumulator,
-    MemoryAccumulator,
-    as_params_type,
-)
-from fl.controller import Controller
-from fl.model import FLModel, ParamsType, params_nbytes
-from fl.protocol import ResultInfo
-from fl.server import ClientResult
-from transport import CallbackSink, IncomingTransfer, SafetensorsSource, Sink, Source
+from fl.aggregation import FileSums, MemorySums, RoundAggregation, Sums
+from fl.controller import Controller, Gathered
+from fl.job_state import JobState, load_state, model_name, remove_stale_models, save_state
+from fl.model import FLModel
+from fl.model_file import ModelFile, ModelFileWriter, copy_file, write_model_file
+from fl.server_optimizers import FedAvgUpdate, ServerUpdate
+from transport import SafetensorsSource
 
 log = logging.getLogger(__name__)
+
+InitialModel = FLModel | str | Path
 
 
 @dataclass
@@ -55,17 +64,22 @@ class RoundReport:
 
 
 class FedAvg(Controller):
-    """Federated averaging weighted by sample count, FULL or DIFF updates, streaming."""
+    """Federated averaging weighted by sample count, FULL or DIFF updates, streaming.
+
+    `state_dir` keeps the job state and the global model files (None: a temporary directory,
+    removed when the job ends; nothing survives a restart then). `accumulator_dir` puts the
+    sums in files there instead of RAM."""
 
     def __init__(
         self,
-        initial_model: FLModel,
+        initial_model: InitialModel,
         *,
         rounds: int = 3,
         num_clients: int | None = None,
         min_clients: int = 1,
         wait_after_min: float | None = None,
         join_timeout: float = 60.0,
+        state_dir: str | Path | None = None,
         accumulator_dir: str | Path | None = None,
         accumulate_dtype: torch.dtype = torch.float32,
         evaluate: Callable[[FLModel], Mapping[str, float]] | None = None,
@@ -73,176 +87,232 @@ class FedAvg(Controller):
         on_tensor: Callable[[str, str, torch.Tensor], None] | None = None,
         on_round_start: Callable[[int, list[str]], None] | None = None,
     ) -> None:
-        if initial_model.params is None:
+        if isinstance(initial_model, FLModel) and initial_model.params is None:
             raise ValueError("FedAvg needs an initial model with params")
         if rounds < 1 or min_clients < 1:
             raise ValueError(f"rounds and min_clients must be >= 1, got {rounds}, {min_clients}")
-        self.model = initial_model
+        self.initial_model = initial_model
         self.rounds = rounds
         self.num_clients = num_clients
         self.min_clients = min_clients
         self.wait_after_min = wait_after_min
         self.join_timeout = join_timeout
+        if state_dir is None:  # nothing to resume from: removed once this object is gone
+            state_dir = tempfile.mkdtemp(prefix="fl-job-")
+            weakref.finalize(self, shutil.rmtree, state_dir, True)
+        self.state_dir = Path(state_dir)
         self.accumulator_dir = Path(accumulator_dir) if accumulator_dir else None
         self.accumulate_dtype = accumulate_dtype
         self.evaluate = evaluate
         self.on_round = on_round
         self.on_tensor = on_tensor  # (client, tensor name, tensor): progress display
         self.on_round_start = on_round_start  # (round, sampled clients): progress display
+        self.update: ServerUpdate = self.new_update()
         self.history: list[RoundReport] = []
+        self.state: JobState | None = None
+        self._global: ModelFile | None = None
+        self.resumed_from: int | None = None  # the round a restarted job continued from
+
+    def new_update(self) -> ServerUpdate:
+        """The rule that turns the clients' weighted mean into the next global model."""
+        return FedAvgUpdate()
+
+    # --- the job ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        for number in range(self.rounds):
-            report = await self.run_round(number)
-            self.history.append(report)
+        state = self.open_state()
+        while state.round < self.rounds:
+            report = await self.run_round(state.round)
             if self.on_round is not None:
                 self.on_round(report)
+        self._finish(state)
+
+    def open_state(self) -> JobState:
+        """The saved state of this job (a restart) or a new one with the initial model."""
+        if self.state is not None:
+            return self.state
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        job = self.server.job
+        state = load_state(self.state_dir, job)
+        if state is None:
+            state = JobState(job=job, rounds=self.rounds)
+            self._store_initial_model(self.state_dir / model_name(0))
+            save_state(self.state_dir, state)
+        else:
+            self.resumed_from = state.round
+            self.history = [RoundReport(**entry) for entry in state.history]
+            self.update.load(self.state_dir, rounds_done=state.round)
+            log.info("job %s: continuing from round %d of %d", job, state.round + 1, self.rounds)
+        state.rounds = self.rounds
+        self.state = state
+        remove_stale_models(self.state_dir, {state.model})
+        return state
+
+    def _store_initial_model(self, path: Path) -> None:
+        initial = self.initial_model
+        if isinstance(initial, FLModel):
+            if not isinstance(initial.params, Mapping):
+                raise TypeError("the initial model must be a state dict or a safetensors file")
+            write_model_file(path, initial.params)
+        else:
+            ModelFile(initial)  # refuse a file that is not a readable safetensors model
+            copy_file(Path(initial), path)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is not None and self.state.finished
+
+    def _finish(self, state: JobState) -> None:
+        if not state.finished:
+            state.finished = True
+            save_state(self.state_dir, state)
+
+    # --- one round -------------------------------------------------------------------------------
 
     async def run_round(self, number: int) -> RoundReport:
-        """Sample, send, gather into the sums, replace the global model."""
+        """Sample (or, resuming, take the saved sample), send, gather into the sums, write the
+        next global model, save the state."""
+        state = self.open_state()
         started = time.perf_counter()
+        clients = await self._round_clients(state)
+        if self.on_round_start is not None:
+            self.on_round_start(number, clients)
+        model = self.global_model()
+        source = SafetensorsSource(model.path, chunk_size=self.server.endpoint.config.chunk_size)
+        outgoing = FLModel(params=source, current_round=number, total_rounds=self.rounds)
+        task = self.send_model(outgoing, clients, task_id=f"{state.job}/round-{number}")
+        sums = self._new_sums(number)
+        aggregation = RoundAggregation(model.tensors(), model.layouts, sums, self.update)
+        try:
+            gathered = await self.gather(
+                task,
+                aggregation,
+                min_clients=self.min_clients,
+                wait_after_min=self.wait_after_min,
+                on_tensor=self.on_tensor,
+            )
+            next_model = self.state_dir / model_name(number + 1)
+            await asyncio.to_thread(self._write_next_model, aggregation, model, next_model)
+        finally:
+            sums.close()
+            source.close()
+        report = self._report(number, clients, gathered, time.perf_counter() - started)
+        self._advance(state, report)
+        return report
+
+    async def _round_clients(self, state: JobState) -> list[str]:
+        if state.round_clients is not None:  # resuming: the clients this round was sent to
+            await self.server.wait_for_clients_named(state.round_clients, self.join_timeout)
+            return list(state.round_clients)
         clients = await self.sample_clients(
             self.num_clients, min_clients=self.min_clients, join_timeout=self.join_timeout
         )
-        if self.on_round_start is not None:
-            self.on_round_start(number, clients)
-        outgoing = FLModel(params=self.model.params, current_round=number, total_rounds=self.rounds)
-        task = self.send_model(outgoing, clients)
-        accumulator = self._new_accumulator(number)
-        aggregation = _RoundAggregation(self, accumulator)
-        try:
-            results = await self.gather(
-                task,
-                aggregation.sink_for,
-                min_clients=self.min_clients,
-                wait_after_min=self.wait_after_min,
-            )
-            self.model = self._averaged(accumulator, aggregation.mode, number)
-        finally:
-            accumulator.close()
-            if isinstance(accumulator, FileAccumulator):
-                accumulator.close_file()
-        return self._report(number, clients, results, time.perf_counter() - started)
+        state.round_clients = clients
+        state.sites = sorted(set(state.sites) | set(clients))
+        save_state(self.state_dir, state)
+        return clients
 
-    def _new_accumulator(self, number: int) -> Accumulator:
+    def _new_sums(self, number: int) -> Sums:
         if self.accumulator_dir is None:
-            return MemoryAccumulator(self.accumulate_dtype)
+            return MemorySums(self.accumulate_dtype)
         self.accumulator_dir.mkdir(parents=True, exist_ok=True)
-        return FileAccumulator(self.accumulator_dir / f"sums-{number}.bin", self.accumulate_dtype)
+        return FileSums(self.accumulator_dir / f"sums-{number}.bin", self.accumulate_dtype)
+
+    def _write_next_model(
+        self, aggregation: RoundAggregation, model: ModelFile, path: Path
+    ) -> None:
+        """Finish every tensor into a new model file (slice by slice), then commit the update
+        rule's own state (FedAdam's moments) beside it."""
+        writer = ModelFileWriter(path, model.layouts)
+        try:
+            aggregation.finish_round(writer.write)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+        self.update.save(self.state_dir)
+
+    def _advance(self, state: JobState, report: RoundReport) -> None:
+        """The round is over: its model becomes the global one, atomically with the state."""
+        self.history.append(report)
+        state.history.append(_jsonable(asdict(report)))
+        state.round = report.round + 1
+        state.model = model_name(state.round)
+        state.round_clients = None
+        save_state(self.state_dir, state)
+        self._global = None
+        remove_stale_models(self.state_dir, {state.model})
+        if self.evaluate is not None:
+            report.metrics.update(self.evaluate(self.model))
+            state.history[-1]["metrics"] = dict(report.metrics)
+            save_state(self.state_dir, state)
+
+    # --- the global model ------------------------------------------------------------------------
+
+    def global_model(self) -> ModelFile:
+        """The current global model's file (mmap'd)."""
+        state = self.open_state() if self.state is None else self.state
+        if self._global is None or self._global.path.name != state.model:
+            self._global = ModelFile(state.model_path(self.state_dir))
+        return self._global
+
+    @property
+    def model(self) -> FLModel:
+        """The current global model; its params are views of the model file's mmap."""
+        if self.state is None:
+            if isinstance(self.initial_model, FLModel):
+                return self.initial_model
+            return FLModel(params=ModelFile(self.initial_model).tensors())
+        return FLModel(params=self.global_model().tensors())
 
     def model_bytes(self) -> int:
         """Tensor bytes of the global model (what each sampled site receives)."""
-        assert self.model.params is not None
-        return params_nbytes(self.model.params)
+        initial = self.initial_model
+        if self.state is None and isinstance(initial, FLModel):
+            assert isinstance(initial.params, Mapping)
+            return sum(int(tensor.nbytes) for tensor in initial.params.values())
+        if self.state is None:
+            assert not isinstance(initial, FLModel)
+            return ModelFile(initial).nbytes
+        return self.global_model().nbytes
 
-    def base_lookup(self) -> BaseLookup | None:
-        """The global model's tensors by name, where it is held in memory."""
-        params = self.model.params
-        if isinstance(params, Mapping):
-            return params.__getitem__
-        return None
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        params = self.model.params
-        if isinstance(params, Source):
-            return {spec.name: tuple(spec.shape) for spec in params.manifest.tensors}
-        assert params is not None
-        return {name: tuple(tensor.shape) for name, tensor in params.items()}
-
-    def _averaged(self, accumulator: Accumulator, mode: ParamsType, number: int) -> FLModel:
-        missing = set(self.expected_shapes()) - set(accumulator.weights)
-        if missing:
-            raise RuntimeError(f"no client delivered {len(missing)} tensors, e.g. {min(missing)}")
-        base = self.base_lookup() if mode is ParamsType.DIFF else None
-        if mode is ParamsType.DIFF and base is None:
-            raise RuntimeError("DIFF updates need the global model in memory to be applied")
-        if isinstance(accumulator, FileAccumulator):
-            assert self.accumulator_dir is not None
-            path = accumulator.write_average(self.accumulator_dir / f"global-{number}.safetensors")
-            if isinstance(self.model.params, Source):
-                self.model.params.close()
-            return FLModel(params=SafetensorsSource(path, chunk_size=self._chunk_size()))
-        assert isinstance(accumulator, MemoryAccumulator)
-        return FLModel(params=accumulator.average(base))
-
-    def _chunk_size(self) -> int:
-        return self.server.endpoint.config.chunk_size
+    def save_final(self, path: str | Path) -> Path:
+        """Copy the final global model to `path` (atomically)."""
+        return self.global_model().copy_to(path)
 
     def _report(
-        self, number: int, clients: list[str], results: list[ClientResult], seconds: float
+        self, number: int, clients: list[str], gathered: Gathered, seconds: float
     ) -> RoundReport:
-        ok = [result for result in results if result.ok and result.info]
-        report = RoundReport(
+        return RoundReport(
             round=number,
             clients=clients,
-            succeeded=[result.client for result in ok],
-            failed={result.client: result.error or "" for result in results if not result.ok},
-            bytes_sent=sum(result.bytes_sent for result in results),
-            bytes_received=sum(result.bytes_received for result in ok),
+            succeeded=sorted(gathered.models),
+            failed=dict(gathered.failed),
+            bytes_sent=gathered.bytes_sent,
+            bytes_received=gathered.bytes_received,
             seconds=seconds,
-            client_metrics={r.client: r.info.metrics for r in ok if r.info},
+            metrics=_weighted_metrics(gathered.models),
+            client_metrics={name: dict(m.metrics) for name, m in gathered.models.items()},
         )
-        report.metrics = _weighted_metrics(ok)
-        if self.evaluate is not None:
-            report.metrics.update(self.evaluate(self.model))
-        return report
 
 
-class _RoundAggregation:
-    """Hands each client's result a sink into this round's sums, after checking its manifest."""
-
-    def __init__(self, fedavg: FedAvg, accumulator: Accumulator) -> None:
-        self.fedavg = fedavg
-        self.accumulator = accumulator
-        self.shapes = fedavg.expected_shapes()
-        self.mode: ParamsType = ParamsType.FULL
-        self._mode_set = False
-
-    def sink_for(self, client: str, info: ResultInfo, transfer: IncomingTransfer) -> Sink:
-        self._check_manifest(client, transfer)
-        if not self._mode_set:  # the first result decides; later ones are converted to it
-            self.mode, self._mode_set = info.params_type, True
-        base = self.fedavg.base_lookup()
-        if info.params_type is not self.mode and base is None:
-            raise ValueError(f"{client} sent {info.params_type.value}, others {self.mode.value}")
-        weight = _sample_count(info)
-        have, want, on_tensor = info.params_type, self.mode, self.fedavg.on_tensor
-
-        def add(name: str, tensor: torch.Tensor) -> None:
-            reference = base(name) if base is not None and have is not want else None
-            self.accumulator.add(name, as_params_type(tensor, have, want, reference), weight)
-            if on_tensor is not None:
-                on_tensor(client, name, tensor)
-
-        return CallbackSink(add)
-
-    def _check_manifest(self, client: str, transfer: IncomingTransfer) -> None:
-        manifest = transfer.manifest
-        received = {s.name: tuple(s.shape) for s in manifest.tensors} if manifest else {}
-        if received != self.shapes:
-            extra = sorted(set(received) - set(self.shapes))[:3]
-            absent = sorted(set(self.shapes) - set(received))[:3]
-            changed = sorted(
-                n for n in set(received) & set(self.shapes) if received[n] != self.shapes[n]
-            )[:3]
-            raise ValueError(
-                f"{client}'s result does not match the model: unexpected {extra}, missing "
-                f"{absent}, other shape {changed}"
-            )
-
-
-def _sample_count(info: ResultInfo) -> float:
-    return FLModel(meta=info.meta).sample_count
-
-
-def _weighted_metrics(results: list[ClientResult]) -> dict[str, float]:
+def _weighted_metrics(models: Mapping[str, FLModel]) -> dict[str, float]:
     """Each metric averaged over clients, weighted by sample count."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
-    for result in results:
-        assert result.info is not None
-        weight = _sample_count(result.info)
-        for name, value in result.info.metrics.items():
+    for model in models.values():
+        weight = model.sample_count
+        for name, value in model.metrics.items():
             sums[name] = sums.get(name, 0.0) + weight * value
             weights[name] = weights.get(name, 0.0) + weight
     return {name: sums[name] / weights[name] for name in sums}
+
+
+def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
+    """A round report as plain JSON (metrics may hold NaN, which JSON writes as NaN)."""
+    report["extra"] = {key: value for key, value in report["extra"].items() if _plain(value)}
+    return report
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool | list | dict)

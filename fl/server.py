@@ -18,11 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl.aggregation import RoundAggregation
 from fl.model import FLModel
 from fl.protocol import (
     ERROR,
     HEARTBEAT,
     HELLO,
+    RESEND,
     STOP,
     ProtocolViolation,
     ResultInfo,
@@ -30,13 +32,23 @@ from fl.protocol import (
     parse_result,
     task_meta,
 )
-from transport import Endpoint, EndpointConfig, IncomingTransfer, Peer, Sink, StateDictSink
+from transport import (
+    CallbackSink,
+    Endpoint,
+    EndpointConfig,
+    IncomingTransfer,
+    Peer,
+    Sink,
+    StateDictSink,
+)
 
 log = logging.getLogger(__name__)
 
-# Returns the sink a client's result is received into (FedAvg: a CallbackSink into its sums),
-# or raises to refuse the result (e.g. a manifest that does not match the model).
-SinkFactory = Callable[[str, ResultInfo, IncomingTransfer], Sink]
+# Called with (client, tensor name, tensor) as each tensor of a result has been aggregated.
+TensorHook = Callable[[str, str, Any], None]
+# Results for a task that is not open yet (a restarted server, its clients' uploads resuming
+# before the round is set up again) wait this many at most; more are refused.
+MAX_PARKED_RESULTS = 1024
 
 
 @dataclass
@@ -47,6 +59,9 @@ class ClientRecord:
     peer: Peer
     last_seen: float = field(default_factory=time.monotonic)
     lost_since: float | None = None
+    # The task whose result the client last delivered (as its heartbeat says): a restarted
+    # server that has no such result asks for it again.
+    sent_task: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -81,6 +96,7 @@ class Task:
     sends: dict[str, asyncio.Task[int]] = field(default_factory=dict)
     arrivals: dict[str, asyncio.Future[IncomingTransfer]] = field(default_factory=dict)
     reported_errors: dict[str, asyncio.Future[str]] = field(default_factory=dict)
+    resend_asked: set[str] = field(default_factory=set)
 
 
 class FLServer:
@@ -104,6 +120,8 @@ class FLServer:
         self._joined = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._task_numbers = itertools.count(1)
+        # Results that arrived before their task was opened, by (task id, client).
+        self._parked: dict[tuple[str, str], IncomingTransfer] = {}
         self._stop_reason: str | None = None  # set once the job told its clients to stop
 
     async def start(self, urls: Sequence[str]) -> list[str]:
@@ -118,9 +136,13 @@ class FLServer:
         return self.urls
 
     async def close(self, *, stop_clients: bool = True, reason: str = "job finished") -> None:
-        """Tell connected clients to stop (best effort), then close everything."""
+        """Tell the clients to stop (see stop_clients), then close everything: what is still
+        being sent or received fails, and a client that was told takes that as the job's end,
+        not as an error. Without `stop_clients` (a server going away that will be back) the
+        clients keep dialling and resume with the next server process."""
         if stop_clients:
-            await self.stop_clients(reason)
+            told = await self.stop_clients(reason)
+            log.info("told %d client(s) to stop (%s): %s", len(told), reason, " ".join(told))
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -153,17 +175,44 @@ class FLServer:
                 await asyncio.wait_for(self._joined.wait(), min(0.2, deadline - loop.time()))
         return self.live_clients()
 
-    async def stop_clients(self, reason: str) -> None:
-        """Tell every connected client to stop. One that misses it (its connection was being
-        replaced just then) is told again in the answer to its next heartbeat or hello."""
+    async def wait_for_clients_named(self, names: Sequence[str], within: float) -> list[str]:
+        """Wait until every client in `names` is live or `within` seconds pass (a restarted
+        server waiting for the sites of the round it resumes); returns those that are live."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        wanted = set(names)
+        while not wanted <= set(self.live_clients()) and loop.time() < deadline:
+            self._joined.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), min(0.2, deadline - loop.time()))
+        return sorted(wanted & set(self.live_clients()))
+
+    async def stop_clients(self, reason: str, *, within: float = 5.0) -> list[str]:
+        """Tell every client to stop and wait, up to `within` seconds, for each to acknowledge;
+        returns those that did. Call it before anything else of the job is torn down, so that a
+        client learns the job's end from the STOP rather than from a transfer failing under it.
+        A client whose connection is being replaced (seen within reconnect_grace) is told on its
+        new one; a client that misses it anyway is told in the answer to its next heartbeat or
+        hello, for as long as this server still listens."""
         self._stop_reason = reason
+        now = time.monotonic()
+        reachable = [
+            record
+            for record in self.clients.values()
+            if record.connected or now - record.last_seen < self.reconnect_grace
+        ]
 
-        async def stop(record: ClientRecord) -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(record.peer.request({"fl": STOP, "reason": reason}), 5)
+        async def stop(record: ClientRecord) -> str | None:
+            try:
+                stopping = record.peer.request({"fl": STOP, "reason": reason})
+                await asyncio.wait_for(stopping, within)
+            except Exception as error:
+                log.info("could not tell client %s to stop: %s", record.name, error)
+                return None
+            return record.name
 
-        live = [record for record in self.clients.values() if record.connected]
-        await asyncio.gather(*(stop(record) for record in live))
+        told = await asyncio.gather(*(stop(record) for record in reachable))
+        return [name for name in told if name is not None]
 
     async def _admit_clients(self) -> None:
         async for peer in self.endpoint.accepted():
@@ -187,6 +236,9 @@ class FLServer:
         kind = kind_of(header)
         if record is None or kind not in (HELLO, HEARTBEAT, ERROR):
             raise ProtocolViolation(f"unexpected FL request {kind!r} from {peer.node_id!r}")
+        if kind == HEARTBEAT:
+            sent = header.get("sent")
+            record.sent_task = sent if isinstance(sent, str) else None
         if kind == ERROR:
             self._client_reported(record.name, header)
         elif kind == HELLO:
@@ -213,11 +265,24 @@ class FLServer:
 
     # --- tasks -----------------------------------------------------------------------------------
 
-    def send_model(self, model: FLModel, clients: Sequence[str], task_name: str = "train") -> Task:
-        """Start streaming `model` to each client (in the background); gather() the results."""
+    def send_model(
+        self,
+        model: FLModel,
+        clients: Sequence[str],
+        task_name: str = "train",
+        task_id: str | None = None,
+    ) -> Task:
+        """Start streaming `model` to each client (in the background); gather() the results.
+
+        `task_id` names the task across server restarts (FedAvg: "<job>/round-<n>"): the model
+        and result transfers are named after it, so a restarted server sending the same task
+        again resumes the clients' downloads and takes their uploads in flight."""
         if model.params is None:
             raise ValueError("send_model needs a model with params")
-        task = Task(f"{self.job}-{next(self._task_numbers)}", task_name, list(clients))
+        task_id = task_id or f"{self.job}/{task_name}-{next(self._task_numbers)}"
+        if task_id in self.tasks:
+            raise ValueError(f"task {task_id!r} is already open")
+        task = Task(task_id, task_name, list(clients))
         meta = task_meta(task.task_id, task_name, model)
         loop = asyncio.get_running_loop()
         for client in task.clients:
@@ -225,7 +290,18 @@ class FLServer:
             task.reported_errors[client] = loop.create_future()
             task.sends[client] = asyncio.ensure_future(self._send(client, model, meta, task))
         self.tasks[task.task_id] = task
+        self._unpark(task)
         return task
+
+    def _unpark(self, task: Task) -> None:
+        """Hand the task the results that arrived before it was opened; refuse the others."""
+        for (task_id, client), transfer in list(self._parked.items()):
+            arrival = task.arrivals.get(client) if task_id == task.task_id else None
+            if arrival is not None and not arrival.done():
+                arrival.set_result(transfer)
+            else:
+                transfer.reject(f"no result for task {task_id!r} is expected")
+        self._parked.clear()
 
     async def _send(self, client: str, model: FLModel, meta: dict[str, Any], task: Task) -> int:
         record = self.clients.get(client)
@@ -239,27 +315,46 @@ class FLServer:
     async def _route_results(self) -> None:
         async for transfer in self.endpoint.incoming():
             try:
-                info = parse_result(transfer.meta)
-                task = self.tasks.get(info.task_id)
-                arrival = task.arrivals.get(transfer.peer_node or "") if task else None
-                if arrival is None or arrival.done():
-                    raise ProtocolViolation(f"no result for task {info.task_id!r} is expected")
+                self._route_result(transfer)
             except ProtocolViolation as violation:
                 log.warning("refusing a transfer from %s: %s", transfer.peer_node, violation)
                 transfer.reject(str(violation))
-                continue
-            arrival.set_result(transfer)
+
+    def _route_result(self, transfer: IncomingTransfer) -> None:
+        info = parse_result(transfer.meta)
+        client = transfer.peer_node or ""
+        task = self.tasks.get(info.task_id)
+        if task is None and self._may_park(info.task_id, client):
+            # A restarted server: the client's upload resumed before the task was opened again.
+            self._parked[(info.task_id, client)] = transfer
+            return
+        arrival = task.arrivals.get(client) if task else None
+        if arrival is None or arrival.done():
+            raise ProtocolViolation(f"no result for task {info.task_id!r} is expected")
+        arrival.set_result(transfer)
+
+    def _may_park(self, task_id: str, client: str) -> bool:
+        return (
+            task_id.startswith(f"{self.job}/")
+            and (task_id, client) not in self._parked
+            and len(self._parked) < MAX_PARKED_RESULTS
+        )
 
     async def gather(
         self,
         task: Task,
-        sink_for: SinkFactory | None = None,
+        aggregation: RoundAggregation | None = None,
         *,
         min_clients: int = 1,
         wait_after_min: float | None = None,
         on_result: Callable[[ClientResult], None] | None = None,
+        on_tensor: TensorHook | None = None,
     ) -> list[ClientResult]:
         """Every client's result for `task`, failures included (as errors).
+
+        With `aggregation` each result is streamed into it tensor by tensor (weighted by the
+        client's sample count) and never held whole; without, each result's value is a new
+        state dict.
 
         Waiting is progress-aware: a client is given up on when it is disconnected for longer
         than reconnect_grace, silent for heartbeat_timeout, or its upload stalls for the
@@ -267,7 +362,7 @@ class FLServer:
         results are in, the others get `wait_after_min` seconds more (None: as long as they are
         alive)."""
         pending = {
-            asyncio.ensure_future(self._collect(task, client, sink_for)): client
+            asyncio.ensure_future(self._collect(task, client, aggregation, on_tensor)): client
             for client in task.clients
         }
         results: list[ClientResult] = []
@@ -290,14 +385,20 @@ class FLServer:
         self.tasks.pop(task.task_id, None)
         return sorted(results, key=lambda result: result.client)
 
-    async def _collect(self, task: Task, client: str, sink_for: SinkFactory | None) -> ClientResult:
+    async def _collect(
+        self,
+        task: Task,
+        client: str,
+        aggregation: RoundAggregation | None,
+        on_tensor: TensorHook | None,
+    ) -> ClientResult:
         started = time.perf_counter()
         result = ClientResult(client)
         try:
             result.bytes_sent = await task.sends[client]
             transfer = await self._await_result(task, client)
             result.info = parse_result(transfer.meta)
-            sink = _sink_or_reject(transfer, client, result.info, sink_for)
+            sink = _sink_or_reject(transfer, client, result.info, aggregation, on_tensor)
             result.value = await transfer.receive_into(sink)
             result.bytes_received = transfer.manifest.total_bytes if transfer.manifest else 0
         except asyncio.CancelledError:
@@ -321,6 +422,19 @@ class FLServer:
             if reported.done():
                 raise ClientFailed(f"the client reported: {reported.result()}")
             self._check_alive(client)
+            self._ask_again_if_lost(task, client)
+
+    def _ask_again_if_lost(self, task: Task, client: str) -> None:
+        """A client says it delivered this task's result, and this server does not have it: the
+        server restarted after taking it. Ask the client to send it again (once)."""
+        record = self.clients[client]
+        if record.sent_task != task.task_id or client in task.resend_asked:
+            return
+        task.resend_asked.add(client)
+        log.info("asking %s to send its result for %s again", client, task.task_id)
+        request = record.peer.request({"fl": RESEND, "task_id": task.task_id})
+        asking = asyncio.ensure_future(asyncio.wait_for(request, self.heartbeat_timeout))
+        asking.add_done_callback(_log_failed_request)
 
     def _check_alive(self, client: str) -> None:
         record = self.clients[client]
@@ -336,14 +450,60 @@ class FLServer:
 
 
 def _sink_or_reject(
-    transfer: IncomingTransfer, client: str, info: ResultInfo, sink_for: SinkFactory | None
+    transfer: IncomingTransfer,
+    client: str,
+    info: ResultInfo,
+    aggregation: RoundAggregation | None,
+    on_tensor: TensorHook | None,
 ) -> Sink:
     """The sink for a result, or the result refused (the client sees why) and the error raised."""
     try:
-        return sink_for(client, info, transfer) if sink_for else StateDictSink()
+        if aggregation is None:
+            return StateDictSink()
+        return _aggregating_sink(transfer, client, info, aggregation, on_tensor)
     except Exception as error:
         transfer.reject(f"result refused: {error}")
         raise
+
+
+def _aggregating_sink(
+    transfer: IncomingTransfer,
+    client: str,
+    info: ResultInfo,
+    aggregation: RoundAggregation,
+    on_tensor: TensorHook | None,
+) -> Sink:
+    """A sink that folds each tensor into `aggregation` as it arrives and lets it go."""
+    _check_manifest(client, transfer, aggregation)
+    weight = FLModel(meta=info.meta).sample_count
+    params_type = info.params_type
+
+    def add(name: str, tensor: Any) -> None:
+        aggregation.add(client, name, tensor, weight, params_type)
+        if on_tensor is not None:
+            on_tensor(client, name, tensor)
+
+    return CallbackSink(add)
+
+
+def _check_manifest(client: str, transfer: IncomingTransfer, aggregation: RoundAggregation) -> None:
+    """Refuse, before any byte is taken, a result whose tensors are not the model's."""
+    manifest = transfer.manifest
+    received = {s.name: tuple(s.shape) for s in manifest.tensors} if manifest else {}
+    expected = {name: tuple(layout.shape) for name, layout in aggregation.layouts.items()}
+    if received != expected:
+        extra = sorted(set(received) - set(expected))[:3]
+        absent = sorted(set(expected) - set(received))[:3]
+        changed = sorted(n for n in set(received) & set(expected) if received[n] != expected[n])
+        raise ValueError(
+            f"{client}'s result does not match the model: unexpected {extra}, missing "
+            f"{absent}, other shape {changed[:3]}"
+        )
+
+
+def _log_failed_request(asking: asyncio.Future[Any]) -> None:
+    if not asking.cancelled() and asking.exception() is not None:
+        log.warning("a request to a client failed: %s", asking.exception())
 
 
 class ClientFailed(Exception):

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fl.aggregation import (
-    FileAccumulator,
     FileSums,
-    MemoryAccumulator,
     MemorySums,
     RoundAggregation,
     RoundOutcome,
@@ -480,27 +477,6 @@ def test_fedadam_leaves_integer_tensors_to_fedavg() -> None:
     out, _ = run_round(base, uploads, MemorySums(), FedAdamUpdate())
     assert out["steps"].tolist() == [12, 20]
     assert out["w"].tolist() != [1.0, 1.0]  # Adam's small step, not the mean
-
-
-# --- the accumulators fl/fedavg.py still uses -----------------------------------------------------
-
-
-def test_legacy_accumulators_average_like_the_round(tmp_path: Path) -> None:
-    base = random_model(0)
-    memory, in_file = MemoryAccumulator(), FileAccumulator(tmp_path / "legacy.bin")
-    for accumulator in (memory, in_file):
-        for client, weight in ((1, 2.0), (2, 6.0)):
-            for name, tensor in random_model(client).items():
-                accumulator.add(name, tensor, weight)
-    assert memory.weights == dict.fromkeys(base, 8.0)
-    averaged = memory.average()
-    written = load_file(in_file.write_average(tmp_path / "avg.safetensors"))
-    in_file.close()
-    in_file.close_file()
-    assert not (tmp_path / "legacy.bin").exists()
-    uploads = whole_uploads("a", random_model(1), 2.0) + whole_uploads("b", random_model(2), 6.0)
-    expected, _ = run_round(base, uploads, MemorySums())
-    assert bits(averaged) == bits(written) == bits(expected)
 
 
 # --- memory ---------------------------------------------------------------------------------------

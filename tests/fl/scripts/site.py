@@ -25,7 +25,7 @@ def main() -> None:
             time.sleep(600)
         if synthetic:
             seed = len(os.environ["TENSORWIRE_SITE"])
-            params: object = SyntheticSource(synthetic, seed=seed, dtype="F32")
+            params: object = SyntheticSource(synthetic, seed=seed, dtype="F32", values="weights")
         else:
             assert isinstance(received.params, dict)
             params = {name: t + 1 for name, t in received.params.items()}
