@@ -19,6 +19,7 @@ BENCHMARKS = {
     "memory": "peak RSS of sender and receiver over a long stream, plotted over time",
     "table": "every driver with TLS off and on against its bare transport; writes README table",
     "compress": "per-chunk compression: ratio and MB/s, plain vs byte-grouped zstd",
+    "fl-memory": "FL server peak RSS and anonymous memory over a job, sampled from outside",
 }
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     commands = parser.add_subparsers(dest="benchmark", required=True)
     for name, help_text in BENCHMARKS.items():
-        module = importlib.import_module(f"benchmarks.{name}")
+        module = importlib.import_module(f"benchmarks.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", help="print one JSON object")
         sub.add_argument(
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     result = args.module.run(args)
     if args.json:
         print(json.dumps(result))
+    elif hasattr(args.module, "format_human"):  # a benchmark that prints its own table
+        print(args.module.format_human(result))
     else:
         _print_human(result)
     return 0

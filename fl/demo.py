@@ -3,7 +3,9 @@
 The server runs in this process; each client is its own process running fl/demo_client.py through
 the Client API. The model is the task's MLP padded to `model_size` bytes, so each round streams
 that much to and from every client. The summary has one row per round: bytes moved, throughput,
-peak RSS above baseline of the server and of each client, and the global model's accuracy.
+peak RSS above baseline of the server and of each client, the server's peak anonymous memory
+(RssAnon: what it holds besides the page cache of its mmap'd model files) above baseline, and
+the global model's accuracy.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def _reap(children: list[subprocess.Popen[bytes]]) -> None:
 
 
 class _Progress:
-    """Progress bars (results arriving, per round) and the server's RSS per round."""
+    """Progress bars (results arriving, per round) and the server's peak RSS and anonymous RSS
+    per round, each above the same baseline (taken when the job starts)."""
 
     def __init__(self, options: DemoOptions, model_bytes: int) -> None:
         self.options = options
@@ -117,6 +120,7 @@ class _Progress:
         self.bar: tqdm[Any] | None = None
         self.sampler: RssSampler | None = None
         self.server_peaks: list[float] = []
+        self.server_anon_peaks: list[float] = []
         self.rounds_started = 0
 
     def start(self) -> None:
@@ -139,10 +143,12 @@ class _Progress:
         if self.sampler is not None:
             self.sampler.stop()
             self.server_peaks.append(self.sampler.peak_above_baseline_mib)
-            baseline = self.sampler.baseline
+            self.server_anon_peaks.append(self.sampler.anon_peak_above_baseline_mib)
+            baseline, anon_baseline = self.sampler.baseline, self.sampler.anon_baseline
             self.sampler = RssSampler()
             self.sampler.start()
-            self.sampler.baseline = baseline  # every round against the same pre-job baseline
+            # every round against the same pre-job baselines
+            self.sampler.baseline, self.sampler.anon_baseline = baseline, anon_baseline
         if self.bar is not None:
             self.bar.close()
         if report.round + 1 < self.options.rounds:
@@ -171,6 +177,7 @@ def _summary(
             "seconds": round(report.seconds, 3),
             "throughput_mb_s": round(report.throughput_mb_s, 1),
             "server_peak_rss_mib": round(progress.server_peaks[index], 1),
+            "server_peak_anon_mib": round(progress.server_anon_peaks[index], 1),
             "client_peak_rss_mib": {
                 client: round(metrics.get("peak_rss_mib", 0.0), 1)
                 for client, metrics in report.client_metrics.items()
@@ -195,11 +202,11 @@ def _summary(
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as a table, one row per round."""
     sites = sorted(summary["rounds"][0]["client_peak_rss_mib"]) if summary["rounds"] else []
-    head = ["round", "moved", "seconds", "MB/s", "server MiB"] + [f"{s} MiB" for s in sites]
-    head.append("accuracy")
+    head = ["round", "moved", "seconds", "MB/s", "server MiB", "anon MiB"]
+    head += [f"{s} MiB" for s in sites] + ["accuracy"]
     rows = [
         head,
-        ["0", "-", "-", "-", "-"] + ["-"] * len(sites) + [f"{summary['initial_accuracy']:.3f}"],
+        ["0"] + ["-"] * (len(head) - 2) + [f"{summary['initial_accuracy']:.3f}"],
     ]
     for entry in summary["rounds"]:
         rows.append(
@@ -209,6 +216,7 @@ def format_table(summary: dict[str, Any]) -> str:
                 f"{entry['seconds']:.1f}",
                 f"{entry['throughput_mb_s']:,.0f}",
                 f"{entry['server_peak_rss_mib']:.0f}",
+                f"{entry['server_peak_anon_mib']:.0f}",
                 *(f"{entry['client_peak_rss_mib'].get(s, 0.0):.0f}" for s in sites),
                 f"{entry['accuracy']:.3f}",
             ]
@@ -220,6 +228,6 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     title = (
         f"FedAvg, {summary['clients']} clients over {summary['driver']}, model "
-        f"{summary['model_bytes'] / 2**20:,.0f} MiB; peak RSS above baseline"
+        f"{summary['model_bytes'] / 2**20:,.0f} MiB; peak RSS above baseline, anon: server RssAnon"
     )
     return "\n".join([title, *lines])
