@@ -151,10 +151,10 @@ class Configuration:
         return f"{self.dtype}/{self.sums}"
 
     def padding_bytes(self) -> int:
-        """The built-in MLP's `model_size` (float32 padding) for a model of `model_size` bytes in
-        this dtype: the padding is built in float32 and then cast."""
+        """The built-in MLP's `model_size` (its padding, in bytes of this dtype) for a model of
+        `model_size` bytes in this dtype."""
         numel = max(0, self.model_size // ITEMSIZE[self.dtype] - _MLP_LAYER_NUMEL)
-        return numel * 4
+        return numel * ITEMSIZE[self.dtype]
 
 
 def measure(config: Configuration, work_dir: Path | None = None) -> dict[str, Any]:

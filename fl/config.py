@@ -38,7 +38,7 @@ class FedAvgSettings(_Strict):
     # Padding for the built-in task's MLP, e.g. "1GiB", "256MiB" or a number of bytes; a
     # ByteSize, so a bad spelling is refused with the config's other errors, before any work.
     model_size: ByteSize = ByteSize(0)
-    # Built-in task only: the dtype the model is trained and sent in.
+    # Built-in task only: the dtype the model is sent in (model_size counts bytes of this dtype).
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     accumulator_dir: str | None = None  # keep the sums in files here instead of RAM
     save_path: str | None = None  # write the final model here (safetensors)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,7 +38,6 @@ from fl.exit_codes import (
 )
 from fl.fedadam import FedAdam
 from fl.fedavg import FedAvg, RoundReport
-from fl.model import FLModel
 from fl.rss import return_freed_memory
 from fl.server import FLServer
 from fl.task import MLP
@@ -59,14 +59,18 @@ def server_endpoint_config(config: ServerConfig) -> EndpointConfig:
     )
 
 
-def initial_model(settings: FedAvgSettings) -> FLModel | Path:
-    """The configured initial model file, or the built-in task's MLP (seeded: every start of
-    the server builds the same one)."""
+def initial_model(settings: FedAvgSettings) -> Path | Callable[[], dict[str, torch.Tensor]]:
+    """The configured initial model file, or a builder of the built-in task's MLP (seeded: every
+    start builds the same one; called only when the job starts fresh)."""
     if settings.initial_model:
         return Path(settings.initial_model)
     dtype = getattr(torch, settings.model_dtype)
-    state_dict = MLP(padding_bytes=int(settings.model_size)).state_dict()
-    return FLModel(params={name: tensor.to(dtype) for name, tensor in state_dict.items()})
+
+    def build() -> dict[str, torch.Tensor]:
+        model = MLP(padding_bytes=int(settings.model_size), dtype=dtype)
+        return {name: tensor.to(dtype) for name, tensor in model.state_dict().items()}
+
+    return build
 
 
 def build_fedavg(settings: FedAvgSettings, state_dir: str | Path | None = None) -> FedAvg:

@@ -40,7 +40,9 @@ from transport import SafetensorsSource
 
 log = logging.getLogger(__name__)
 
-InitialModel = FLModel | str | Path
+# A model in memory, a safetensors file, or a function that builds the model's state dict (called
+# only when the job starts fresh: a restarted server does not build a model it would throw away).
+InitialModel = FLModel | str | Path | Callable[[], Mapping[str, torch.Tensor]]
 
 
 @dataclass
@@ -143,6 +145,9 @@ class FedAvg(Controller):
             self.history = [RoundReport(**entry) for entry in state.history]
             self.update.load(self.state_dir, rounds_done=state.round)
             log.info("job %s: continuing from round %d of %d", job, state.round + 1, self.rounds)
+        # From here on the model is its file: let go of the one in memory (the server's
+        # anonymous memory must not hold a model for the whole job).
+        self.initial_model = state.model_path(self.state_dir)
         state.rounds = self.rounds
         self.state = state
         remove_stale_models(self.state_dir, {state.model})
@@ -150,7 +155,9 @@ class FedAvg(Controller):
 
     def _store_initial_model(self, path: Path) -> None:
         initial = self.initial_model
-        if isinstance(initial, FLModel):
+        if callable(initial):
+            write_model_file(path, initial())
+        elif isinstance(initial, FLModel):
             if not isinstance(initial.params, Mapping):
                 raise TypeError("the initial model must be a state dict or a safetensors file")
             write_model_file(path, initial.params)
@@ -260,21 +267,24 @@ class FedAvg(Controller):
     def model(self) -> FLModel:
         """The current global model; its params are views of the model file's mmap."""
         if self.state is None:
-            if isinstance(self.initial_model, FLModel):
-                return self.initial_model
-            return FLModel(params=ModelFile(self.initial_model).tensors())
+            return FLModel(params=self._initial_tensors())
         return FLModel(params=self.global_model().tensors())
 
     def model_bytes(self) -> int:
         """Tensor bytes of the global model (what each sampled site receives)."""
-        initial = self.initial_model
-        if self.state is None and isinstance(initial, FLModel):
-            assert isinstance(initial.params, Mapping)
-            return sum(int(tensor.nbytes) for tensor in initial.params.values())
         if self.state is None:
-            assert not isinstance(initial, FLModel)
-            return ModelFile(initial).nbytes
+            return sum(int(tensor.nbytes) for tensor in self._initial_tensors().values())
         return self.global_model().nbytes
+
+    def _initial_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The initial model before the job started (built, if it is a builder)."""
+        initial = self.initial_model
+        if isinstance(initial, FLModel):
+            assert isinstance(initial.params, Mapping)
+            return initial.params
+        if callable(initial):
+            return initial()
+        return ModelFile(initial).tensors()
 
     def save_final(self, path: str | Path) -> Path:
         """Copy the final global model to `path` (atomically)."""

@@ -35,6 +35,8 @@ def memory_of(pid: int) -> tuple[int, int]:
         rss = psutil.Process(pid).memory_info().rss
         return rss, rss
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # a zombie: it has exited, nothing is resident any more
+        raise ProcessLookupError(f"process {pid} has exited")
     rss = int(fields["VmRSS"].split()[0]) * 1024
     return rss, int(fields.get("RssAnon", fields["VmRSS"]).split()[0]) * 1024
 

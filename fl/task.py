@@ -55,9 +55,11 @@ def held_out_data(samples: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MLP(nn.Module):
-    """Two hidden layers, plus `padding_bytes` of float32 that only make the model big."""
+    """Two hidden layers, plus `padding_bytes` (in `dtype`) that only make the model big."""
 
-    def __init__(self, padding_bytes: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, padding_bytes: int = 0, seed: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.layers = nn.Sequential(
@@ -69,9 +71,13 @@ class MLP(nn.Module):
         )
         # Stands in for a large embedding table, split in tensors of at most 64 MiB as a real
         # model's many layers are (per-tensor aggregation holds one tensor per client at a time).
-        rows = padding_bytes // (4 * 1024)
+        # Built in `dtype` directly: a bf16 model never exists in float32 first.
+        rows = padding_bytes // (dtype.itemsize * 1024)
         self.padding = nn.ParameterList(
-            nn.Parameter(torch.zeros(min(_PADDING_ROWS, rows - start), 1024), requires_grad=False)
+            nn.Parameter(
+                torch.zeros(min(_PADDING_ROWS, rows - start), 1024, dtype=dtype),
+                requires_grad=False,
+            )
             for start in range(0, rows, _PADDING_ROWS)
         )
 
