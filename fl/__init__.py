@@ -2,6 +2,7 @@
 API.
 
     fl.client      the Client API for training scripts: init, is_running, receive, send
+                   (fl.client_core: FLClient; fl.client_settings: ClientSettings, exceptions)
     fl.model       FLModel and ParamsType (FULL / DIFF)
     fl.controller  the Controller API for server algorithms; fl.fedavg / fl.fedadam: FedAvg and
                    FedAdam, streaming, with job state that survives a restart (fl.job_state)
