@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fl.client import ClientSettings
 from fl.fedavg import FedAvg, RoundReport
 from fl.model import FLModel, params_nbytes
-from fl.rss import RssSampler
+from fl.rss import RssSampler, return_freed_memory
 from fl.server import FLServer
 from fl.sizes import format_size, parse_size
 from fl.task import MLP, evaluate, held_out_data
@@ -55,12 +55,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
 
 
 async def _run(options: DemoOptions, padding: int) -> dict[str, Any]:
+    return_freed_memory()  # as the server daemon does: RSS follows what the server holds
     state_dict = MLP(padding_bytes=padding).state_dict()
-    initial, model_bytes = FLModel(params=state_dict), params_nbytes(state_dict)
-    first_accuracy = global_accuracy(initial)["accuracy"]
+    model_bytes = params_nbytes(state_dict)
+    first_accuracy = global_accuracy(FLModel(params=state_dict))["accuracy"]
     progress = _Progress(options, model_bytes)
     fedavg = FedAvg(
-        initial,
+        FLModel(params=state_dict),
         rounds=options.rounds,
         num_clients=options.clients,
         min_clients=options.clients,
@@ -71,6 +72,8 @@ async def _run(options: DemoOptions, padding: int) -> dict[str, Any]:
     async with FLServer(job="demo") as server:
         (url,) = await server.start([_listen_url(options.driver)])
         fedavg.attach(server)
+        del state_dict  # the job's model is its file from here on (FedAvg lets go of it too)
+        fedavg.open_state()  # written to the state directory before the baseline is taken
         children = _start_clients(url, options.clients, padding)
         try:
             progress.start()
