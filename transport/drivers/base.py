@@ -35,6 +35,7 @@ __all__ = [
     "ByteReceiver",
     "Driver",
     "DriverConnection",
+    "HandshakeGate",
     "Listener",
     "PeerInfo",
     "TLSConfig",
@@ -197,6 +198,35 @@ AcceptCallback = Callable[[DriverConnection], ByteReceiver]
 """Called when a connection arrives, before any byte is delivered; returns its receiver."""
 
 
+class HandshakeGate:
+    """Connections a listener took from the kernel whose handshake (TLS) is not done yet.
+
+    The accept callback only sees a connection once its handshake completed; until then it holds
+    a file descriptor all the same. A listener given a gate counts each such connection here from
+    the moment it is accepted until its handshake ends (then accept() takes over, or it failed),
+    and gives the handshake at most `timeout` seconds before it closes the connection. The
+    endpoint counts `pending` against its connection limit. A driver that cannot see a
+    connection before its handshake ends (grpc, http) leaves the gate alone.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.pending = 0
+
+    def started(self) -> Callable[[], None]:
+        """Count one handshake; returns the function that ends it (idempotent)."""
+        self.pending += 1
+        done = False
+
+        def ended() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.pending -= 1
+
+        return ended
+
+
 class Driver(ABC):
     """Opens and accepts connections for the URL schemes it lists."""
 
@@ -210,9 +240,15 @@ class Driver(ABC):
 
     @abstractmethod
     async def listen(
-        self, url: str, accept: AcceptCallback, *, tls: TLSConfig | None = None
+        self,
+        url: str,
+        accept: AcceptCallback,
+        *,
+        tls: TLSConfig | None = None,
+        gate: HandshakeGate | None = None,
     ) -> Listener:
-        """Accept connections on `url`; `accept(conn)` returns each one's receiver."""
+        """Accept connections on `url`; `accept(conn)` returns each one's receiver. With `gate`,
+        connections still in their handshake are counted there and cut at its timeout."""
 
 
 # --- helpers shared by the drivers --------------------------------------------------------------

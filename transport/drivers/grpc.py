@@ -51,6 +51,7 @@ from transport.drivers.base import (
     ByteReceiver,
     Driver,
     DriverConnection,
+    HandshakeGate,
     Listener,
     PeerInfo,
     TLSConfig,
@@ -467,7 +468,12 @@ class GrpcDriver(Driver):
         return call
 
     async def listen(
-        self, url: str, accept: AcceptCallback, *, tls: TLSConfig | None = None
+        self,
+        url: str,
+        accept: AcceptCallback,
+        *,
+        tls: TLSConfig | None = None,
+        gate: HandshakeGate | None = None,
     ) -> GrpcListener:
         """Serve the tensorwire method on host:port (port 0: any free port; see Listener.url)."""
         target = parse_host_port_url(url, self.schemes, allow_port_zero=True)

@@ -40,6 +40,7 @@ from transport.drivers.base import (
     AcceptCallback,
     ByteReceiver,
     Driver,
+    HandshakeGate,
     HostPort,
     Listener,
     TLSConfig,
@@ -182,7 +183,12 @@ class HttpDriver(Driver):
         )
 
     async def listen(
-        self, url: str, accept: AcceptCallback, *, tls: TLSConfig | None = None
+        self,
+        url: str,
+        accept: AcceptCallback,
+        *,
+        tls: TLSConfig | None = None,
+        gate: HandshakeGate | None = None,
     ) -> HttpListener:
         """Listen on http(s)://host:port (port 0: any free port; see Listener.url)."""
         target = parse_host_port_url(url, self.schemes, allow_port_zero=True)

@@ -30,6 +30,7 @@ from transport.drivers.base import (
     ByteReceiver,
     Driver,
     DriverConnection,
+    HandshakeGate,
     Listener,
     PeerInfo,
     TLSConfig,
@@ -304,7 +305,12 @@ class MemoryDriver(Driver):
             ) from exc
 
     async def listen(
-        self, url: str, accept: AcceptCallback, *, tls: TLSConfig | None = None
+        self,
+        url: str,
+        accept: AcceptCallback,
+        *,
+        tls: TLSConfig | None = None,
+        gate: HandshakeGate | None = None,
     ) -> MemoryListener:
         """Register `memory://name` (`memory://` alone picks a fresh name; see Listener.url)."""
         name = _parse_memory_url(url, allow_empty=True)

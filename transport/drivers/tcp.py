@@ -28,6 +28,7 @@ from transport.drivers.base import (
     ByteReceiver,
     Driver,
     DriverConnection,
+    HandshakeGate,
     HostPort,
     Listener,
     PeerInfo,
@@ -162,6 +163,7 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         scheme: str,
         options: TcpOptions,
         receiver_for: Callable[[TcpConnection], ByteReceiver],
+        gate: HandshakeGate | None = None,
     ) -> None:
         self._scheme = scheme
         self._options = options
@@ -175,9 +177,27 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         self._stash_buffer: memoryview | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        # A listener builds the protocol when the kernel hands it the socket, before the TLS
+        # handshake: from then until connection_made() (or the handshake's deadline, when the
+        # loop closes a failed or stalled handshake without telling us) it counts in the gate.
+        self._handshake_ended: Callable[[], None] | None = None
+        self._handshake_deadline: asyncio.TimerHandle | None = None
+        if gate is not None:
+            self._handshake_ended = gate.started()
+            self._handshake_deadline = loop.call_later(gate.timeout, self._end_handshake)
+
+    def _end_handshake(self) -> None:
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+            self._handshake_deadline = None
+        if self._handshake_ended is not None:
+            self._handshake_ended()
+            self._handshake_ended = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._end_handshake()
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
@@ -252,6 +272,7 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         self.can_write.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end_handshake()
         self.can_write.set()  # wake senders; they see the connection closed
         self._stashed.clear()  # nothing is delivered after connection_lost
         self.reading_paused = False
@@ -378,19 +399,30 @@ class TcpDriver(Driver):
         return protocol.connection
 
     async def listen(
-        self, url: str, accept: AcceptCallback, *, tls: TLSConfig | None = None
+        self,
+        url: str,
+        accept: AcceptCallback,
+        *,
+        tls: TLSConfig | None = None,
+        gate: HandshakeGate | None = None,
     ) -> TcpListener:
-        """Listen on tcp://host:port (port 0: any free port; see Listener.url)."""
+        """Listen on tcp://host:port (port 0: any free port; see Listener.url). With `gate`, a
+        tcps:// connection counts there during its TLS handshake, which gets gate.timeout."""
         target = parse_host_port_url(url, self.schemes, allow_port_zero=True)
         context = _tls_context(target.scheme, tls, url, server_side=True)
+        handshake_gate = gate if context is not None else None
+        extra: dict[str, Any] = {}
+        if handshake_gate is not None:
+            extra["ssl_handshake_timeout"] = handshake_gate.timeout
         loop = asyncio.get_running_loop()
         with map_exceptions({OSError: TransportError}, f"cannot listen on {url}"):
             server = await loop.create_server(
-                lambda: _TcpProtocol(target.scheme, self.options, accept),
+                lambda: _TcpProtocol(target.scheme, self.options, accept, handshake_gate),
                 target.host,
                 target.port,
                 ssl=context,
                 start_serving=False,
+                **extra,
             )
             # Accepted sockets inherit the listening socket's buffer sizes, which must be set
             # before the handshake for the window scale to match them.

@@ -55,6 +55,17 @@ class EndpointConfig:
     # Hostile-peer bounds: connections held at once, and the time a new one has to say hello.
     max_connections: int = 1024
     hello_timeout: float = 10.0
+    # Token guessing: `auth_failure_limit` failed authentications from one source address within
+    # `auth_failure_window` seconds lock that address out for `auth_lockout` seconds (its
+    # connections are refused at once). Other addresses are not affected.
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 60.0
+    auth_lockout: float = 300.0
+    # Slow loris: once a frame has begun, the peer must keep sending it at `min_frame_rate`
+    # bytes/s on average (counted from the frame's first byte, for as long as the bytes keep
+    # ending inside a frame); it gets `frame_grace` seconds before that is checked. 0 disables.
+    min_frame_rate: float = 1024.0
+    frame_grace: float = 10.0
     limits: Limits | None = None  # None: derived from chunk_size (see frame_limits)
 
     def __post_init__(self) -> None:
@@ -76,11 +87,18 @@ class EndpointConfig:
             raise ConfigError(f"streams must be in 1..64, got {self.streams}")
         if self.max_connections <= 0:
             raise ConfigError(f"max_connections must be positive, got {self.max_connections}")
+        if self.min_frame_rate < 0:
+            raise ConfigError(f"min_frame_rate must be >= 0, got {self.min_frame_rate}")
+        if self.auth_failure_limit <= 0:
+            raise ConfigError(f"auth_failure_limit must be positive, got {self.auth_failure_limit}")
         for name in (
             "idle_timeout",
             "reconnect_initial_delay",
             "reconnect_max_delay",
             "hello_timeout",
+            "auth_failure_window",
+            "auth_lockout",
+            "frame_grace",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -150,4 +168,9 @@ class EndpointOptions(TypedDict, total=False):
     streams: int
     max_connections: int
     hello_timeout: float
+    auth_failure_limit: int
+    auth_failure_window: float
+    auth_lockout: float
+    min_frame_rate: float
+    frame_grace: float
     limits: Limits | None

@@ -113,6 +113,11 @@ class Link:
         self._discard = memoryview(bytearray(64 * 1024))
         self.bytes_in = 0
         self.bytes_out = 0
+        # The spell of reads that ended inside a frame: when it began and the bytes since then
+        # (see _watch_frames). None while the received bytes end on a frame boundary.
+        self._frame_started: float | None = None
+        self._frame_bytes = 0
+        self._frame_begun = asyncio.Event()
         self.on_closed: Callable[[Link], None] | None = None
         self.on_hello: Callable[[Link], None] | None = None
         self.metrics = LinkMetrics()
@@ -128,11 +133,14 @@ class Link:
         driver: DriverConnection,
         hello: Mapping[str, Any] | None = None,
         hello_timeout: float | None = None,
+        min_frame_rate: float = 0.0,
+        frame_grace: float = 0.0,
     ) -> None:
         """Bind the driver connection, say hello and start heartbeats.
 
         With `hello_timeout`, a peer that has not said hello by then is dropped (a connection
-        that connects and stalls must not hold a slot for long).
+        that connects and stalls must not hold a slot for long). With `min_frame_rate`, a peer
+        that sends a frame slower than that (bytes/s, after `frame_grace` seconds) is dropped.
         """
         self._driver = driver
         self.metrics.opened(driver.peer.scheme, lambda: (len(self.sending), self.receiving))
@@ -142,6 +150,41 @@ class Link:
             self._spawn(self._heartbeat())
         if hello_timeout is not None:
             self._spawn(self._require_hello(hello_timeout))
+        if min_frame_rate > 0:
+            self._spawn(self._watch_frames(min_frame_rate, frame_grace))
+
+    async def _watch_frames(self, rate: float, grace: float) -> None:
+        """Drop a slow loris: a peer that began a frame and then trickles it. While the bytes
+        received end inside a frame, they must average `rate` bytes/s since the first one of
+        that spell, checked from `grace` seconds on. Sleeps on the clock only during a spell."""
+        clock = self.clock
+        while self.error is None:
+            await self._frame_begun.wait()
+            started = self._frame_started
+            if started is None:
+                self._frame_begun.clear()
+                continue
+            due = started + max(grace, self._frame_bytes / rate)
+            now = clock.now()
+            if now < due:
+                await clock.sleep(due - now)
+                continue
+            self.refuse(
+                "too_slow",
+                f"{self._frame_bytes} bytes of a frame in {now - started:.1f} s: under the "
+                f"minimum of {rate:g} bytes/s",
+            )
+            return
+
+    def _track_frame(self, nbytes: int) -> None:
+        if not self._protocol.receiving_frame:
+            self._frame_started = None
+            return
+        if self._frame_started is None:
+            self._frame_started = self.clock.now()
+            self._frame_bytes = 0
+            self._frame_begun.set()
+        self._frame_bytes += nbytes
 
     async def _require_hello(self, seconds: float) -> None:
         await self.clock.wait(self.greeted, seconds)
@@ -216,6 +259,7 @@ class Link:
         self._router.link_failed(self, error)
         self.requests.fail_all(error)
         self.closed.set()
+        self._frame_begun.set()  # the frame watcher sees the error and ends
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -246,6 +290,7 @@ class Link:
         except ProtocolError as error:
             self._protocol_failed(error)
             return
+        self._track_frame(nbytes)
         self._dispatch()
 
     def eof_received(self) -> None:

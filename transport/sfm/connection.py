@@ -144,6 +144,11 @@ class Connection(ConnectionCore):
         """What the peer announced in its HELLO, or None before it arrived."""
         return self._peer
 
+    @property
+    def receiving_frame(self) -> bool:
+        """True while the bytes received so far end inside a frame (one is partly in)."""
+        return self._parser.in_frame
+
     def stream_state(self, stream_id: int) -> StreamState:
         """This side's view of a stream; IDLE for an id never used."""
         stream = self._streams.get(stream_id) or self._retired.get(stream_id)
