@@ -59,7 +59,8 @@ class Peer:
 
     @property
     def node_id(self) -> str | None:
-        """The node id the peer announced in its hello."""
+        """The node id the peer announced in its hello (one that presented a client certificate
+        is refused unless this is the certificate's name)."""
         return self._link.remote_node
 
     @property

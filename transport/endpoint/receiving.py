@@ -57,8 +57,16 @@ class IncomingTransfer:
     Until it is taken it holds no credit, so it never blocks other transfers on the connection;
     the sender's send returns only once this side committed (or raises this side's reason)."""
 
-    def __init__(self, hub: _Hub, state: IncomingState, link: Link, stream_id: int) -> None:
+    def __init__(
+        self,
+        hub: _Hub,
+        state: IncomingState,
+        link: Link,
+        stream_id: int,
+        peer_node: str | None = None,
+    ) -> None:
         self._hub = hub
+        self._peer_node = peer_node if peer_node is not None else link.remote_node
         self._state = state
         self._link = link  # the link of the latest stream of the current attempt
         opened = state.opened
@@ -77,8 +85,10 @@ class IncomingTransfer:
 
     @property
     def peer_node(self) -> str | None:
-        """The node id of the peer that sends this transfer."""
-        return self._link.remote_node
+        """Who sends this transfer, as verified: its certificate's name (a node id that claims
+        another is refused), else the node id it announced. Every later stream of the transfer
+        comes from the same identity (the transfer layer's owner rule)."""
+        return self._peer_node
 
     @property
     def attempt(self) -> int:

@@ -3,8 +3,16 @@ are new, when every stripe ended, whether the whole transfer checks out, and the
 
 `IncomingRegistry` answers each stream the peer opens (a new transfer, another stripe or attempt of
 a known one, a duplicate of one already committed, or a refusal) and routes every later stream
-event to its transfer. `IncomingState` is one transfer. Connections are opaque hashable keys; time
-is an input; nothing here waits or writes.
+event to its transfer.
+
+Owner rule: a transfer belongs to the authenticated identity that opened it (an opaque string the
+endpoint derives: certificate name, else token, else node id). Transfer ids live in one namespace
+per owner: another identity that opens, resumes or re-offers the same id gets a transfer of its own
+(or nothing it may see of the owner's), never the owner's held chunks, routes or verdict; and an
+identity that opens an id first cannot pre-empt the owner's own transfer of that id.
+
+`IncomingState` is one transfer. Connections are opaque hashable keys; time is an input; nothing
+here waits or writes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from transport.transfer.states import TERMINAL, Role, TransferInput, TransferSta
 
 In = TransferInput
 StreamKey = tuple[Hashable, int]  # (connection, stream id)
+TransferKey = tuple[str, str]  # (owner identity, transfer id)
 # Committed transfers remembered so that a sender which lost our verdict and reopens one is told
 # "all held" and gets the verdict again, instead of delivering the transfer a second time.
 COMPLETED_REMEMBERED: Final = 1024
@@ -51,6 +60,7 @@ class IncomingState:
     opened: OpenHeader
     key: StreamKey
     now: float
+    owner: str = ""  # the identity that opened it: only its streams may join
     state: TransferState = TransferState.IDLE
     attempt: int = 0
     stripes: int = 1
@@ -234,12 +244,14 @@ NEW, JOINED, DUPLICATE, REFUSED = "new", "joined", "duplicate", "refused"
 
 
 class IncomingRegistry:
-    """Every transfer this side receives, keyed by transfer id, and the route of every stream."""
+    """Every transfer this side receives, keyed by (owner, transfer id), and the route of every
+    stream."""
 
     def __init__(self) -> None:
-        self._by_id: dict[str, IncomingState] = {}
+        self._by_id: dict[TransferKey, IncomingState] = {}
         self._routes: dict[StreamKey, IncomingState] = {}
-        self._committed: OrderedDict[str, int] = OrderedDict()  # transfer id -> chunk count
+        # (owner, transfer id) -> chunk count of a committed transfer
+        self._committed: OrderedDict[TransferKey, int] = OrderedDict()
         # Streams of a sender re-offering a transfer we committed (it lost our verdict): told
         # "all held", their END gets the verdict again; the application never sees them.
         self._settling: set[StreamKey] = set()
@@ -250,20 +262,24 @@ class IncomingRegistry:
     def route(self, key: StreamKey) -> IncomingState | None:
         return self._routes.get(key)
 
-    def on_open(self, key: StreamKey, header: Mapping[str, Any], now: float) -> Opened:
-        """A stream the peer opened (ProtocolError for a malformed header: refuse the peer)."""
+    def on_open(
+        self, key: StreamKey, header: Mapping[str, Any], now: float, owner: str = ""
+    ) -> Opened:
+        """A stream `owner` opened (ProtocolError for a malformed header: refuse the peer). Only
+        `owner`'s own transfers of that id are joined or re-offered (see the owner rule)."""
         opened = OpenHeader.parse(header)
         tid = opened.transfer_id
-        known = self._by_id.get(tid) if tid is not None else None
+        named = (owner, tid) if tid is not None else None
+        known = self._by_id.get(named) if named is not None else None
         if known is not None:
             return self._join(known, key, opened, now)
-        if tid is not None and tid in self._committed and opened.kind == headers.STATE_DICT:
+        if named is not None and named in self._committed and opened.kind == headers.STATE_DICT:
             self._settling.add(key)
-            return Opened(DUPLICATE, held_chunks=self._committed[tid])
-        transfer = IncomingState(opened, key, now)
+            return Opened(DUPLICATE, held_chunks=self._committed[named])
+        transfer = IncomingState(opened, key, now, owner)
         self._routes[key] = transfer
-        if tid is not None:
-            self._by_id[tid] = transfer
+        if named is not None:
+            self._by_id[named] = transfer
         return Opened(NEW, transfer)
 
     def _join(self, known: IncomingState, key: StreamKey, opened: OpenHeader, now: float) -> Opened:
@@ -308,10 +324,11 @@ class IncomingRegistry:
             if self._routes.get(key) is transfer:
                 del self._routes[key]
         tid = transfer.transfer_id
-        if tid is not None and self._by_id.get(tid) is transfer:
-            del self._by_id[tid]
-        if tid is not None and transfer.state is TransferState.COMMITTED:
-            self._committed[tid] = len(transfer.received)
+        named = (transfer.owner, tid) if tid is not None else None
+        if named is not None and self._by_id.get(named) is transfer:
+            del self._by_id[named]
+        if named is not None and transfer.state is TransferState.COMMITTED:
+            self._committed[named] = len(transfer.received)
             while len(self._committed) > COMPLETED_REMEMBERED:
                 self._committed.popitem(last=False)
 
