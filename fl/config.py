@@ -33,6 +33,14 @@ class FedAvgSettings(_Strict):
     num_clients: int | None = Field(None, ge=1)
     min_clients: int = Field(1, ge=1)
     wait_after_min: float | None = Field(None, ge=0)
+    # The round's deadline in seconds (None: progress-aware waiting, no deadline): sites without a
+    # result by then fail the round; min_clients decides whether it counts.
+    round_timeout: float | None = Field(None, gt=0)
+    # A float result in another float dtype (fp16 for fp32) is cast; false: refused.
+    cast_dtypes: bool = True
+    # Results claiming more samples than this are refused (a site cannot outweigh the others
+    # by claiming 1e30 samples).
+    max_sample_count: int = Field(10**12, ge=1)
     join_timeout: float = Field(300.0, gt=0)
     initial_model: str | None = None  # a safetensors file; None: the built-in task's MLP
     # Padding for the built-in task's MLP, e.g. "1GiB", "256MiB" or a number of bytes; a

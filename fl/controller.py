@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from fl.aggregation import RoundAggregation
 from fl.model import FLModel
 from fl.model_file import ModelFile, write_model_file
-from fl.server import ClientResult, FLServer, Task, TensorHook
+from fl.server import ClientResult, FLServer, ResultRules, Task, TensorHook
 
 
 class NotEnoughClients(RuntimeError):
@@ -122,15 +122,20 @@ class Controller(ABC):
         *,
         min_clients: int = 1,
         wait_after_min: float | None = None,
+        round_timeout: float | None = None,
+        rules: ResultRules | None = None,
         on_tensor: TensorHook | None = None,
     ) -> Gathered:
         """Every client's result (failures as data); NotEnoughClients if fewer than
-        `min_clients` succeeded. See FLServer.gather for the waiting rules."""
+        `min_clients` succeeded. See FLServer.gather for the waiting rules, the round's deadline
+        (`round_timeout`) and what a result must be to be taken (`rules`)."""
         results = await self.server.gather(
             task,
             aggregation,
             min_clients=min_clients,
             wait_after_min=wait_after_min,
+            round_timeout=round_timeout,
+            rules=rules,
             on_tensor=on_tensor,
         )
         gathered = Gathered.of(results)

@@ -35,6 +35,7 @@ from fl.controller import Controller, Gathered
 from fl.job_state import JobState, load_state, model_name, remove_stale_models, save_state
 from fl.model import FLModel
 from fl.model_file import ModelFile, ModelFileWriter, copy_file, write_model_file
+from fl.server import DEFAULT_MAX_SAMPLE_COUNT, ResultRules
 from fl.server_optimizers import FedAvgUpdate, ServerUpdate
 from transport import SafetensorsSource
 
@@ -70,7 +71,11 @@ class FedAvg(Controller):
 
     `state_dir` keeps the job state and the global model files (None: a temporary directory,
     removed when the job ends; nothing survives a restart then). `accumulator_dir` puts the
-    sums in files there instead of RAM."""
+    sums in files there instead of RAM.
+
+    `round_timeout` (None: no deadline, progress-aware waiting) ends each round's gather: sites
+    without a result by then fail the round, and min_clients decides whether it counts.
+    `cast_dtypes` and `max_sample_count` are the result rules (fl.server.ResultRules)."""
 
     def __init__(
         self,
@@ -80,6 +85,9 @@ class FedAvg(Controller):
         num_clients: int | None = None,
         min_clients: int = 1,
         wait_after_min: float | None = None,
+        round_timeout: float | None = None,
+        cast_dtypes: bool = True,
+        max_sample_count: float = DEFAULT_MAX_SAMPLE_COUNT,
         join_timeout: float = 60.0,
         state_dir: str | Path | None = None,
         accumulator_dir: str | Path | None = None,
@@ -97,7 +105,13 @@ class FedAvg(Controller):
         self.rounds = rounds
         self.num_clients = num_clients
         self.min_clients = min_clients
+        if round_timeout is not None and round_timeout <= 0:
+            raise ValueError(f"round_timeout must be positive, got {round_timeout}")
+        if not max_sample_count > 0:
+            raise ValueError(f"max_sample_count must be positive, got {max_sample_count}")
         self.wait_after_min = wait_after_min
+        self.round_timeout = round_timeout
+        self.rules = ResultRules(cast_dtypes=cast_dtypes, max_sample_count=max_sample_count)
         self.join_timeout = join_timeout
         if state_dir is None:  # nothing to resume from: removed once this object is gone
             state_dir = tempfile.mkdtemp(prefix="fl-job-")
@@ -196,6 +210,8 @@ class FedAvg(Controller):
                 aggregation,
                 min_clients=self.min_clients,
                 wait_after_min=self.wait_after_min,
+                round_timeout=self.round_timeout,
+                rules=self.rules,
                 on_tensor=self.on_tensor,
             )
             next_model = self.state_dir / model_name(number + 1)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fl.aggregation import RoundAggregation
 from fl.model import FLModel
 from fl.protocol import (
@@ -30,6 +32,7 @@ from fl.protocol import (
     ResultInfo,
     kind_of,
     parse_result,
+    result_transfer_id,
     task_meta,
 )
 from transport import (
@@ -41,6 +44,7 @@ from transport import (
     Sink,
     StateDictSink,
 )
+from transport.payload import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,22 @@ TensorHook = Callable[[str, str, Any], None]
 # Results for a task that is not open yet (a restarted server, its clients' uploads resuming
 # before the round is set up again) wait this many at most; more are refused.
 MAX_PARKED_RESULTS = 1024
+# The largest sample_count a result may claim by default: above any number of samples (or tokens)
+# one site trains on in a round, and small enough that weight * value stays far inside float32
+# (weights and values are multiplied in the sums' dtype). Jobs set their own bound.
+DEFAULT_MAX_SAMPLE_COUNT = 10**12
+
+
+@dataclass(frozen=True)
+class ResultRules:
+    """What a result must be to be taken (checked before any of its bytes are).
+
+    `cast_dtypes`: a floating tensor sent in another float dtype (F16 for an F32 model) is cast
+    (True) or refused (False); a result of another kind (int or bool for a float tensor, float for
+    an int one) is always refused. `max_sample_count`: a larger sample_count is refused."""
+
+    cast_dtypes: bool = True
+    max_sample_count: float = DEFAULT_MAX_SAMPLE_COUNT
 
 
 @dataclass
@@ -122,6 +142,9 @@ class FLServer:
         self._task_numbers = itertools.count(1)
         # Results that arrived before their task was opened, by (task id, client).
         self._parked: dict[tuple[str, str], IncomingTransfer] = {}
+        # Tasks this process gathered: a result for one of them (a replay, a late upload) is
+        # refused at once rather than parked.
+        self._closed_tasks: set[str] = set()
         self._stop_reason: str | None = None  # set once the job told its clients to stop
 
     async def start(self, urls: Sequence[str]) -> list[str]:
@@ -321,16 +344,30 @@ class FLServer:
                 transfer.reject(str(violation))
 
     def _route_result(self, transfer: IncomingTransfer) -> None:
+        """One result per site per task, as the site's own transfer: a replay (under another
+        transfer id, for a closed task, or a second one) or another site's transfer id is
+        refused. A RESEND after a server restart comes as the original transfer id, to a server
+        that has no result from the site."""
         info = parse_result(transfer.meta)
         client = transfer.peer_node or ""
+        expected_id = result_transfer_id(info.task_id, client)
+        if transfer.transfer_id != expected_id:
+            raise ProtocolViolation(
+                f"{client}'s result for task {info.task_id!r} came as transfer "
+                f"{transfer.transfer_id!r}, not {expected_id!r} (a replay or another site's)"
+            )
+        if info.task_id in self._closed_tasks:
+            raise ProtocolViolation(f"task {info.task_id!r} is closed; no result is expected")
         task = self.tasks.get(info.task_id)
         if task is None and self._may_park(info.task_id, client):
             # A restarted server: the client's upload resumed before the task was opened again.
             self._parked[(info.task_id, client)] = transfer
             return
         arrival = task.arrivals.get(client) if task else None
-        if arrival is None or arrival.done():
+        if arrival is None:
             raise ProtocolViolation(f"no result for task {info.task_id!r} is expected")
+        if arrival.done():
+            raise ProtocolViolation(f"{client} already sent its result for task {info.task_id!r}")
         arrival.set_result(transfer)
 
     def _may_park(self, task_id: str, client: str) -> bool:
@@ -347,6 +384,8 @@ class FLServer:
         *,
         min_clients: int = 1,
         wait_after_min: float | None = None,
+        round_timeout: float | None = None,
+        rules: ResultRules | None = None,
         on_result: Callable[[ClientResult], None] | None = None,
         on_tensor: TensorHook | None = None,
     ) -> list[ClientResult]:
@@ -360,19 +399,36 @@ class FLServer:
         than reconnect_grace, silent for heartbeat_timeout, or its upload stalls for the
         endpoint's idle_timeout; never because a large upload takes long. Once `min_clients`
         results are in, the others get `wait_after_min` seconds more (None: as long as they are
-        alive)."""
+        alive). `round_timeout` (None: none) is the round's deadline, from the start of the
+        gather: a client that has not delivered by then fails ("no result within round_timeout")
+        and its upload in progress is cancelled.
+
+        Each result is checked against `rules` (default ResultRules()) before any of its bytes
+        are taken; a refused one is a failure of that client, told to it."""
+        rules = rules or ResultRules()
         pending = {
-            asyncio.ensure_future(self._collect(task, client, aggregation, on_tensor)): client
+            asyncio.ensure_future(
+                self._collect(task, client, aggregation, rules, on_tensor)
+            ): client
             for client in task.clients
         }
         results: list[ClientResult] = []
-        deadline: float | None = None
         loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        round_deadline = None if round_timeout is None else loop.time() + round_timeout
         while pending:
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            ends = [end for end in (deadline, round_deadline) if end is not None]
+            timeout = max(0.0, min(ends) - loop.time()) if ends else None
             done, _ = await asyncio.wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
             if not done:
-                results += await _cancel_late(pending, wait_after_min)
+                if round_deadline is not None and round_deadline <= min(ends):
+                    reason = f"no result within round_timeout ({round_timeout:g} s)"
+                else:
+                    reason = (
+                        f"late: still running {wait_after_min:g} s after min_clients results "
+                        "were in"
+                    )
+                results += await _cancel_late(pending, reason)
                 break
             for finished in done:
                 pending.pop(finished)
@@ -383,6 +439,7 @@ class FLServer:
             if deadline is None and wait_after_min is not None and ok_count >= min_clients:
                 deadline = loop.time() + wait_after_min
         self.tasks.pop(task.task_id, None)
+        self._closed_tasks.add(task.task_id)
         return sorted(results, key=lambda result: result.client)
 
     async def _collect(
@@ -390,6 +447,7 @@ class FLServer:
         task: Task,
         client: str,
         aggregation: RoundAggregation | None,
+        rules: ResultRules,
         on_tensor: TensorHook | None,
     ) -> ClientResult:
         started = time.perf_counter()
@@ -398,7 +456,7 @@ class FLServer:
             result.bytes_sent = await task.sends[client]
             transfer = await self._await_result(task, client)
             result.info = parse_result(transfer.meta)
-            sink = _sink_or_reject(transfer, client, result.info, aggregation, on_tensor)
+            sink = _sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
             result.value = await transfer.receive_into(sink)
             result.bytes_received = transfer.manifest.total_bytes if transfer.manifest else 0
         except asyncio.CancelledError:
@@ -454,28 +512,43 @@ def _sink_or_reject(
     client: str,
     info: ResultInfo,
     aggregation: RoundAggregation | None,
+    rules: ResultRules,
     on_tensor: TensorHook | None,
 ) -> Sink:
     """The sink for a result, or the result refused (the client sees why) and the error raised."""
     try:
+        weight = _sample_count(client, info, rules)
         if aggregation is None:
             return StateDictSink()
-        return _aggregating_sink(transfer, client, info, aggregation, on_tensor)
+        _check_manifest(client, transfer, aggregation, rules)
+        return _aggregating_sink(client, weight, info, aggregation, on_tensor)
     except Exception as error:
         transfer.reject(f"result refused: {error}")
         raise
 
 
+def _sample_count(client: str, info: ResultInfo, rules: ResultRules) -> float:
+    """The result's weight: a positive number (not a bool), at most rules.max_sample_count."""
+    try:
+        weight = FLModel(meta=info.meta).sample_count
+    except ValueError as error:
+        raise ValueError(f"{client}'s result: {error}") from None
+    if not weight <= rules.max_sample_count:
+        raise ValueError(
+            f"{client}'s result claims sample_count {weight:g}, above max_sample_count "
+            f"{rules.max_sample_count:g}"
+        )
+    return weight
+
+
 def _aggregating_sink(
-    transfer: IncomingTransfer,
     client: str,
+    weight: float,
     info: ResultInfo,
     aggregation: RoundAggregation,
     on_tensor: TensorHook | None,
 ) -> Sink:
     """A sink that folds each tensor into `aggregation` as it arrives and lets it go."""
-    _check_manifest(client, transfer, aggregation)
-    weight = FLModel(meta=info.meta).sample_count
     params_type = info.params_type
 
     def add(name: str, tensor: Any) -> None:
@@ -486,8 +559,11 @@ def _aggregating_sink(
     return CallbackSink(add)
 
 
-def _check_manifest(client: str, transfer: IncomingTransfer, aggregation: RoundAggregation) -> None:
-    """Refuse, before any byte is taken, a result whose tensors are not the model's."""
+def _check_manifest(
+    client: str, transfer: IncomingTransfer, aggregation: RoundAggregation, rules: ResultRules
+) -> None:
+    """Refuse, before any byte is taken, a result whose tensors are not the model's: names,
+    shapes, then dtypes (see ResultRules)."""
     manifest = transfer.manifest
     received = {s.name: tuple(s.shape) for s in manifest.tensors} if manifest else {}
     expected = {name: tuple(layout.shape) for name, layout in aggregation.layouts.items()}
@@ -499,6 +575,34 @@ def _check_manifest(client: str, transfer: IncomingTransfer, aggregation: RoundA
             f"{client}'s result does not match the model: unexpected {extra}, missing "
             f"{absent}, other shape {changed[:3]}"
         )
+    assert manifest is not None  # the names matched
+    for spec in manifest.tensors:
+        _check_dtype(client, spec.name, spec.dtype, aggregation.layouts[spec.name].dtype, rules)
+
+
+def _check_dtype(
+    client: str, name: str, got: str, expected: torch.dtype, rules: ResultRules
+) -> None:
+    """A tensor of the model's dtype, or a castable one (see ResultRules); else refused."""
+    dtype = DTYPES.get(got)
+    if dtype == expected:
+        return
+    castable = dtype is not None and _dtype_kind(dtype) == _dtype_kind(expected)
+    if castable and rules.cast_dtypes and _dtype_kind(expected) != "bool":
+        return
+    why = "cast_dtypes is off" if castable else "not castable"
+    raise ValueError(
+        f"{client}'s tensor {name!r} is {got}, the model's is {dtype_name(expected) or expected} "
+        f"({why})"
+    )
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
 
 
 def _log_failed_request(asking: asyncio.Future[Any]) -> None:
@@ -511,10 +615,9 @@ class ClientFailed(Exception):
 
 
 async def _cancel_late(
-    pending: dict[asyncio.Task[ClientResult], str], wait_after_min: float | None
+    pending: dict[asyncio.Task[ClientResult], str], reason: str
 ) -> list[ClientResult]:
     for waiting in pending:
         waiting.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    reason = f"late: still running {wait_after_min:g} s after min_clients results were in"
     return [ClientResult(client, error=reason) for client in pending.values()]
