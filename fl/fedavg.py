@@ -136,7 +136,9 @@ class FedAvg(Controller):
     # --- the job ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        state = self.open_state()
+        # Opening a new job writes the initial model (gigabytes): not on the event loop, whose
+        # heartbeat answers tell the clients the server is alive.
+        state = self.state or await asyncio.to_thread(self.open_state)
         while state.round < self.rounds:
             report = await self.run_round(state.round)
             if self.on_round is not None:

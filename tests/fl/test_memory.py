@@ -36,7 +36,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def start_site(url: str, site: str) -> subprocess.Popen[bytes]:
-    settings = client_settings(url, site, endpoint_overrides={})
+    # The defaults of a real site (idle_timeout 120 s), not the tests' 5 s: three 1 GiB results
+    # keep this 2-core machine busy, and a heartbeat answer may well take seconds.
+    settings = client_settings(url, site, endpoint_overrides={}, idle_timeout=120.0)
     return subprocess.Popen(
         [sys.executable, str(SCRIPT)],
         env={
