@@ -24,9 +24,11 @@ from typing import Any
 from typing_extensions import Unpack
 
 from transport import metrics, sfm
-from transport.drivers import DriverConnection, Listener, driver_for
+from transport.drivers import DriverConnection, HandshakeGate, Listener, driver_for
+from transport.endpoint.admission import AuthFailures, source_of, token_travels_in_clear
 from transport.endpoint.clock import Clock
 from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig, EndpointOptions
+from transport.endpoint.identity import certificate_name, claim_refusal, owner, verified_node
 from transport.endpoint.link import Link
 from transport.endpoint.peer import Peer
 from transport.endpoint.pool import BufferPool
@@ -81,6 +83,13 @@ class Endpoint:
         self._registry = IncomingRegistry()
         self._transfers: dict[int, IncomingTransfer] = {}  # id(state) -> its public object
         self._request_handler: RequestHandler | None = None
+        self._auth_failures = AuthFailures(
+            self.config.auth_failure_limit,
+            self.config.auth_failure_window,
+            self.config.auth_lockout,
+        )
+        # Connections still in their TLS handshake: they hold a slot, for hello_timeout at most.
+        self._handshakes = HandshakeGate(self.config.hello_timeout)
         self.codec_pool: ThreadPoolExecutor | None = (
             None
             if self.config.compression == "off"
@@ -131,7 +140,9 @@ class Endpoint:
     async def listen(self, url: str) -> str:
         """Accept connections on `url`; returns the bound URL (port 0 becomes the real port)."""
         self.check_loop()
-        listener = await driver_for(url).listen(url, self._accept, tls=self.config.tls)
+        listener = await driver_for(url).listen(
+            url, self._accept, tls=self.config.tls, gate=self._handshakes
+        )
         self._listeners.append(listener)
         metrics.listening(listener.url)
         return listener.url
@@ -225,18 +236,37 @@ class Endpoint:
     # --- links ---------------------------------------------------------------------------------
 
     def _accept(self, driver_connection: DriverConnection) -> Link:
-        held = len(self._links)
+        held = len(self._links) + self._handshakes.pending
         link = self._new_link(is_initiator=False)
         link.on_hello = self._greeted
-        link.attach(driver_connection, hello_timeout=self.config.hello_timeout)
+        link.attach(
+            driver_connection,
+            hello_timeout=self.config.hello_timeout,
+            min_frame_rate=self.config.min_frame_rate,
+            frame_grace=self.config.frame_grace,
+        )
         if held >= self.config.max_connections:
             link.refuse("busy", f"this endpoint holds its limit of {held} connections")
+            return link
+        source = source_of(driver_connection.peer)
+        locked = self._auth_failures.locked(source, self.clock.now())
+        if locked is not None:
+            link.refuse(
+                "locked_out",
+                f"too many failed authentications from {source}: try again in {locked:.0f} s",
+            )
         return link
 
     def _refusal(self, link: Link) -> str | None:
         """Why an accepted peer may not stay (its token or certificate identity), or None."""
         config = self.config
         token = link.remote_hello.get("token")
+        if token is not None and token_travels_in_clear(link.peer):
+            scheme = link.peer.scheme if link.peer else "?"
+            return (
+                f"auth token sent over plain {scheme}:// (without TLS), where anyone on the "
+                "path can read it: use the TLS scheme (tcps, grpcs, https)"
+            )
         if config.auth_tokens is not None and not (
             isinstance(token, str) and any(compare_digest(token, t) for t in config.auth_tokens)
         ):
@@ -244,12 +274,18 @@ class Endpoint:
         identity = link.peer.peer_identity if link.peer else None
         if config.allowed_identities is not None and identity not in config.allowed_identities:
             return f"certificate identity {identity!r} is not allowed"
-        return None
+        return claim_refusal(link)  # a node id is bound to the certificate's name
 
     def _greeted(self, link: Link) -> None:
         """An accepted connection said hello: refuse it, or a new peer, or a known one back."""
         refusal = self._refusal(link)
         if refusal is not None:
+            source = source_of(link.peer)
+            if self._auth_failures.failed(source, self.clock.now()):
+                refusal += (
+                    f"; {source} is locked out for {self.config.auth_lockout:g} s after "
+                    f"{self.config.auth_failure_limit} failed authentications"
+                )
             link.refuse("unauthorized", refusal)
             return
         peer_info = link.peer
@@ -270,6 +306,8 @@ class Endpoint:
 
     def _new_link(self, *, is_initiator: bool) -> Link:
         config = self.config
+        # Dialing with a client certificate, we are the name in it (the peer refuses any other).
+        certified = certificate_name(config.tls) if is_initiator else None
         link = Link(
             config.protocol_config(is_initiator=is_initiator),
             self._pool,
@@ -277,7 +315,7 @@ class Endpoint:
             heartbeat_interval=config.heartbeat_interval,
             router=self,
             on_request=self._serve_request,
-            node_id=config.node_id,
+            node_id=certified or config.node_id,
             clock=self.clock,
         )
         self._links.add(link)
@@ -292,11 +330,14 @@ class Endpoint:
 
     def stream_opened(self, link: Link, event: sfm.StreamOpened) -> None:
         key = (link, event.stream_id)
-        opened = self._registry.on_open(key, event.header, self.clock.now())
+        # Transfers belong to the identity that opened them: ids never cross identities.
+        opened = self._registry.on_open(key, event.header, self.clock.now(), owner(link))
         if opened.action == NEW:
             assert opened.transfer is not None
             link.receiving += 1
-            transfer = IncomingTransfer(self, opened.transfer, link, event.stream_id)
+            transfer = IncomingTransfer(
+                self, opened.transfer, link, event.stream_id, verified_node(link)
+            )
             self._transfers[id(opened.transfer)] = transfer
             self._incoming.put_nowait(transfer)
         elif opened.action == JOINED:
