@@ -36,6 +36,7 @@ from fl.protocol import (
     task_meta,
 )
 from transport import (
+    DTYPES,
     CallbackSink,
     Endpoint,
     EndpointConfig,
@@ -43,8 +44,8 @@ from transport import (
     Peer,
     Sink,
     StateDictSink,
+    dtype_name,
 )
-from transport.payload import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
 

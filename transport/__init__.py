@@ -27,6 +27,7 @@ from transport.exceptions import *  # noqa: F403 - the whole exception tree is p
 from transport.exceptions import __all__ as _exception_names
 from transport.payload import (
     DEFAULT_CHUNK_SIZE,
+    DTYPES,
     CallbackSink,
     DigestSink,
     Manifest,
@@ -38,12 +39,14 @@ from transport.payload import (
     StateDictSource,
     SyntheticSource,
     TensorSpec,
+    dtype_name,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DTYPES",
     "CallbackSink",
     "CertificateFiles",
     "DigestSink",
@@ -68,6 +71,7 @@ __all__ = [
     "client_tls",
     "create_ca",
     "create_pki",
+    "dtype_name",
     "issue_certificate",
     "logs",
     "metrics",
