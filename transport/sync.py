@@ -37,7 +37,7 @@ import enum
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -135,13 +135,17 @@ class _LoopThread:
                 "use the async API (the .aio objects) there"
             )
         finished = threading.Event()
-        future = asyncio.run_coroutine_threadsafe(_setting(finished, coroutine), loop)
+        future: Future[T] | None = None
         try:
+            # Submitted inside the try: a Ctrl-C that lands right after the submission (the loop
+            # thread may already be sending, and a busy machine may not run this thread again
+            # for a while) must cancel the coroutine too, or the transfer runs on unseen.
+            future = asyncio.run_coroutine_threadsafe(_setting(finished, coroutine), loop)
             return future.result(timeout)
         except BaseException:
             # Still running means the wait, not the coroutine, was interrupted (Ctrl-C, timeout):
             # cancel it and let it unwind so no transfer runs on unseen.
-            if future.cancel():
+            if future is not None and future.cancel():
                 finished.wait(_CANCEL_GRACE_S)
             raise
 
