@@ -22,20 +22,8 @@ from pathlib import Path
 import torch
 
 from fl.aggregation import TensorLayout
+from transport import DTYPES, dtype_name
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 # A header larger than this is not a model file this server wrote (refuse before reading it).
 _MAX_HEADER = 100 * 2**20
 
@@ -54,11 +42,12 @@ def _header(layouts: Mapping[str, TensorLayout]) -> tuple[bytes, dict[str, tuple
     places: dict[str, tuple[int, int]] = {}
     offset = 0
     for name, layout in layouts.items():
-        if layout.dtype not in SAFETENSORS_DTYPES:
+        code = dtype_name(layout.dtype)
+        if code is None:
             raise ModelFileError(f"tensor {name!r} has dtype {layout.dtype}, not a safetensors one")
         size = _numel(layout.shape) * _itemsize(layout.dtype)
         entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[layout.dtype],
+            "dtype": code,
             "shape": list(layout.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -226,7 +215,7 @@ def _read_layouts(
     layouts: dict[str, TensorLayout] = {}
     places: dict[str, tuple[int, int]] = {}
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        dtype = _TORCH_DTYPES.get(entry.get("dtype"))
+        dtype = DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise ModelFileError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}")
         layouts[name] = TensorLayout(tuple(int(size) for size in entry["shape"]), dtype)
