@@ -67,9 +67,11 @@ def test_options_are_validated() -> None:
         GrpcOptions(max_frame_size=1000)
     with pytest.raises(ConfigError, match="connect_timeout"):
         GrpcOptions(connect_timeout=0)
-    options = dict(GrpcOptions(stream_window=1 * MiB).channel_options())
-    assert options["grpc.max_send_message_length"] == -1
-    assert options["grpc.max_receive_message_length"] == -1
+    with pytest.raises(ConfigError, match="max_message_size"):
+        GrpcOptions(max_message_size=0)
+    options = dict(GrpcOptions(stream_window=1 * MiB, max_message_size=2 * MiB).channel_options())
+    assert options["grpc.max_send_message_length"] == 2 * MiB
+    assert options["grpc.max_receive_message_length"] == 2 * MiB
     assert options["grpc.http2.lookahead_bytes"] == 1 * MiB
 
 

@@ -199,22 +199,41 @@ AcceptCallback = Callable[[DriverConnection], ByteReceiver]
 
 
 class HandshakeGate:
-    """Connections a listener took from the kernel whose handshake (TLS) is not done yet.
+    """A listener's admission budget: connections taken from the kernel that are not yet handed
+    to the accept callback (their TLS handshake, for http(s) also their request headers).
 
-    The accept callback only sees a connection once its handshake completed; until then it holds
-    a file descriptor all the same. A listener given a gate counts each such connection here from
-    the moment it is accepted until its handshake ends (then accept() takes over, or it failed),
-    and gives the handshake at most `timeout` seconds before it closes the connection. The
-    endpoint counts `pending` against its connection limit. A driver that cannot see a
-    connection before its handshake ends (grpc, http) leaves the gate alone.
+    Until accept() sees a connection it holds a file descriptor and memory all the same. A
+    listener given a gate counts each such connection in `pending` from the moment it is
+    accepted until accept() takes it over (or it failed, or the peer left: then at once), and
+    closes it if that phase lasts longer than `timeout` seconds. The endpoint counts `pending`
+    against its connection limit; `limit`, when set, is that limit, for drivers that can only
+    enforce it themselves.
+
+    What each driver does with it:
+    - tcps:// counts the TLS handshake (a handshake that fails is released at its deadline:
+      asyncio reports no failed server-side handshake to the protocol).
+    - http(s):// counts the TLS handshake, the request line and the headers, and releases a
+      connection the moment that phase ends, fails or is cut.
+    - grpc(s):// cannot count: grpc core accepts connections and runs TLS and HTTP/2 setup where
+      Python cannot see them, so `pending` stays 0. The gate's numbers become grpc's own bounds
+      instead: TLS plus the HTTP/2 preface and SETTINGS must end within `timeout` of the accept
+      (`grpc.server_handshake_timeout_ms`), a connection that then starts no call is closed
+      after `timeout` (`grpc.max_connection_idle_ms`), one TCP connection carries one call
+      (`grpc.max_concurrent_streams`), and with `limit` grpc holds at most that many TCP
+      connections, handshaking or established (`grpc.max_allowed_incoming_connections`;
+      connections above it are closed at accept, before any byte is read).
+    - plain tcp:// and memory:// have no phase before accept() and leave the gate alone.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, *, limit: int | None = None) -> None:
+        if limit is not None and limit < 1:
+            raise ConfigError(f"HandshakeGate: limit must be >= 1 or None, got {limit}")
         self.timeout = timeout
+        self.limit = limit
         self.pending = 0
 
     def started(self) -> Callable[[], None]:
-        """Count one handshake; returns the function that ends it (idempotent)."""
+        """Count one connection; returns the function that ends its count (idempotent)."""
         self.pending += 1
         done = False
 

@@ -3,21 +3,27 @@
 One tensorwire connection is ONE bidirectional streaming RPC, `/tensorwire.Transport/Frames`, on
 its own channel (and so its own TCP connection: the channel uses a local subchannel pool instead of
 grpc's process-wide one, which would multiplex every connection to a host onto one socket and
-defeat striping). Each message is opaque frame bytes: one `send()` call is one message.
+defeat striping). Each message is opaque frame bytes: one `send()` call is one message, or several
+when it is larger than the message size limit.
 
 No protobuf: the method is registered with `grpc.method_handlers_generic_handler` and called with
 `channel.stream_stream(...)`, both with no (de)serializers, so grpc passes `bytes` through. Nothing
 is generated at build time and the install stays one command (grpcio alone, no grpcio-tools).
 
-Copies, each unavoidable with grpc python: `send()` joins the parts into one bytes object (grpc
-takes one `bytes` per message); grpc copies it into its own slices; on receipt grpc hands a new
+Copies, each unavoidable with grpc python: `send()` joins the parts into bytes objects (grpc
+takes one `bytes` per message); grpc copies them into its own slices; on receipt grpc hands a new
 `bytes` per message, which is copied into the receiver's `get_buffer()` memory (in pieces when the
 receiver's buffer is smaller than the message).
 
 Back-pressure: `send()` awaits grpc's write, which completes only once HTTP/2 flow control took
 the message, so a peer that pauses reading (stops pulling messages from the call) stops its
-window updates and blocks our `send()`. Message sizes are unlimited (max_*_message_length = -1):
-there is no 2-4 GB ceiling; memory is bounded by the endpoint's window.
+window updates and blocks our `send()`. Messages are pieces of a byte stream, not frames: a
+`send()` larger than `GrpcOptions.max_message_size` goes out as several messages, and the receiver
+refuses bigger ones (grpc holds a whole message in memory before handing it over, so that size is
+what one message can cost a receiver, before any HELLO). There is no 2-4 GB ceiling on a send.
+
+Admission: grpc core accepts connections and runs TLS and HTTP/2 setup out of Python's sight; the
+listener turns its HandshakeGate into grpc's own limits instead (see HandshakeGate).
 
 Life cycle, mirroring tcp: the server sends initial metadata (a marker that it speaks tensorwire)
 right after `accept()`, and `connect()` waits for it, so a closed port or a refused TLS handshake is
@@ -99,9 +105,10 @@ class GrpcConnection(DriverConnection):
     does delivery into the receiver, pausing, closing and error mapping.
     """
 
-    def __init__(self, peer: PeerInfo, describe: str) -> None:
+    def __init__(self, peer: PeerInfo, describe: str, message_limit: int) -> None:
         self.peer = peer
         self._describe = describe
+        self._message_limit = message_limit
         self._receiver: ByteReceiver | None = None
         self._write_lock = asyncio.Lock()
         self._may_read = asyncio.Event()
@@ -135,13 +142,15 @@ class GrpcConnection(DriverConnection):
     # --- sending -----------------------------------------------------------------------------
 
     async def send(self, parts: Sequence[Buffer]) -> None:
-        """Send the parts as one grpc message; returns once grpc's flow control took it."""
-        message = _one_message(parts)
+        """Send the parts as grpc messages (one unless they exceed the message size limit);
+        returns once grpc's flow control took the last."""
+        messages = _messages(parts, self._message_limit)
         self._raise_if_closed()
         async with self._write_lock:
             self._raise_if_closed()
             try:
-                await self._write_message(message)
+                for message in messages:
+                    await self._write_message(message)
             except asyncio.CancelledError:
                 if _current_task_cancelling():
                     raise
@@ -289,11 +298,33 @@ class GrpcConnection(DriverConnection):
         return self._closing or self._lost.done()
 
 
-def _one_message(parts: Sequence[Buffer]) -> bytes:
-    """grpc python takes one bytes object per message: join (copy) unless it already is one."""
-    if len(parts) == 1 and isinstance(parts[0], bytes):
-        return parts[0]
-    return b"".join(parts)
+def _messages(parts: Sequence[Buffer], limit: int) -> list[bytes]:
+    """The parts as messages of at most `limit` bytes. grpc python takes one bytes object per
+    message: each byte is copied once (joined), unless a single part already is one message."""
+    if len(parts) == 1 and isinstance(parts[0], bytes) and 0 < len(parts[0]) <= limit:
+        return [parts[0]]
+    messages: list[bytes] = []
+    pieces: list[memoryview] = []
+    size = 0
+    for part in parts:
+        view = _byte_view(part)
+        while view.nbytes:
+            take = min(limit - size, view.nbytes)
+            pieces.append(view[:take])
+            view = view[take:]
+            size += take
+            if size == limit:
+                messages.append(b"".join(pieces))
+                pieces, size = [], 0
+    if pieces:
+        messages.append(b"".join(pieces))
+    return messages
+
+
+def _byte_view(part: Buffer) -> memoryview:
+    """`part` as a flat byte view, so sizes and slices count bytes, not items."""
+    view = part if isinstance(part, memoryview) else memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _current_task_cancelling() -> bool:
@@ -310,8 +341,10 @@ def _describe_rpc_error(exc: BaseException) -> str:
 class _ClientConnection(GrpcConnection):
     """The connecting side: a StreamStreamCall on a channel of its own."""
 
-    def __init__(self, peer: PeerInfo, url: str, channel: grpc.aio.Channel, call: Any) -> None:
-        super().__init__(peer, url)
+    def __init__(
+        self, peer: PeerInfo, url: str, channel: grpc.aio.Channel, call: Any, message_limit: int
+    ) -> None:
+        super().__init__(peer, url, message_limit)
         self._channel = channel
         self._call = call
 
@@ -341,8 +374,10 @@ class _ClientConnection(GrpcConnection):
 class _ServerConnection(GrpcConnection):
     """The accepting side: the servicer context of one call, its handler waiting in serve()."""
 
-    def __init__(self, peer: PeerInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        super().__init__(peer, f"{peer.scheme}://{peer.address}")
+    def __init__(
+        self, peer: PeerInfo, context: grpc.aio.ServicerContext[Any, Any], message_limit: int
+    ) -> None:
+        super().__init__(peer, f"{peer.scheme}://{peer.address}", message_limit)
         self._context = context
         # Set when the handler should end the call: False for OK, True for ABORTED.
         self._handler_outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -443,7 +478,9 @@ class GrpcDriver(Driver):
         except BaseException:
             await channel.close()
             raise
-        connection = _ClientConnection(PeerInfo(target.scheme, address), url, channel, call)
+        connection = _ClientConnection(
+            PeerInfo(target.scheme, address), url, channel, call, self.options.max_message_size
+        )
         connection._start_reading(receiver)
         return connection
 
@@ -475,7 +512,9 @@ class GrpcDriver(Driver):
         tls: TLSConfig | None = None,
         gate: HandshakeGate | None = None,
     ) -> GrpcListener:
-        """Serve the tensorwire method on host:port (port 0: any free port; see Listener.url)."""
+        """Serve the tensorwire method on host:port (port 0: any free port; see Listener.url).
+        With `gate`, grpc's handshake timeout, idle timeout and connection cap come from it (grpc
+        cannot count its handshakes there; see HandshakeGate)."""
         target = parse_host_port_url(url, self.schemes, allow_port_zero=True)
         credentials = None
         if target.scheme == "grpcs":
@@ -484,8 +523,9 @@ class GrpcDriver(Driver):
             credentials = server_credentials(tls)
         else:
             refuse_tls_for_plain(tls, url)
-        server = grpc.aio.server(options=self.options.server_options())
-        server.add_generic_rpc_handlers((_generic_handler(target.scheme, accept),))
+        server = grpc.aio.server(options=self.options.server_options(gate))
+        handler = _generic_handler(target.scheme, accept, self.options.max_message_size)
+        server.add_generic_rpc_handlers((handler,))
         address = format_host_port(target.host, target.port)
         try:
             if credentials is None:
@@ -511,10 +551,12 @@ async def _raise_not_accepted(call: Any, url: str) -> None:
     raise ConnectError(f"cannot connect to {url}: grpc status {code.name}: {details}")
 
 
-def _generic_handler(scheme: str, accept: AcceptCallback) -> grpc.GenericRpcHandler:
+def _generic_handler(
+    scheme: str, accept: AcceptCallback, message_limit: int
+) -> grpc.GenericRpcHandler:
     async def frames(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = PeerInfo(scheme, _peer_address(context.peer()), _client_identity(context))
-        await _ServerConnection(peer, context).serve(accept)
+        await _ServerConnection(peer, context, message_limit).serve(accept)
 
     handler = grpc.stream_stream_rpc_method_handler(
         frames, request_deserializer=None, response_serializer=None

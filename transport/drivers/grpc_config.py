@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from transport.drivers.base import TLSConfig
+from transport.drivers.base import HandshakeGate, TLSConfig
 from transport.exceptions import ConfigError
 
 __all__ = [
@@ -24,6 +24,12 @@ __all__ = [
 
 OptionList = list[tuple[str, Any]]
 
+MiB = 1024 * 1024
+# Our call's metadata (path, authority, content type, user agent, the ready marker, a status
+# message) is well under 1 KiB; grpc's own ceiling would let a peer's headers hold 16 KiB.
+_MAX_METADATA_SIZE = 8 * 1024
+_GRPC_MAX_INT = 2**31 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class GrpcOptions:
@@ -35,6 +41,9 @@ class GrpcOptions:
     `max_frame_size`: the largest HTTP/2 DATA frame we accept (16 KiB .. 16 MiB - 1).
     `write_buffer_size`: bytes grpc gathers before a socket write (`grpc.http2.write_buffer_size`).
     `keepalive_time`/`keepalive_timeout`: HTTP/2 pings on idle connections, seconds.
+    `max_message_size`: the largest grpc message sent (send() splits bigger ones) and accepted
+    (grpc buffers a whole message before handing it over, so this bounds what one message can
+    make a receiver hold); both sides must use the same value, as the default does.
     """
 
     connect_timeout: float = 20.0
@@ -44,6 +53,7 @@ class GrpcOptions:
     write_buffer_size: int | None = None
     keepalive_time: float = 30.0
     keepalive_timeout: float = 20.0
+    max_message_size: int = 4 * MiB
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "keepalive_time", "keepalive_timeout"):
@@ -53,6 +63,11 @@ class GrpcOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"GrpcOptions.{name} must be >= 1 or None, got {value}")
+        if not 1 <= self.max_message_size <= _GRPC_MAX_INT:
+            raise ConfigError(
+                f"GrpcOptions.max_message_size must be in [1, {_GRPC_MAX_INT}], "
+                f"got {self.max_message_size}"
+            )
         frame = self.max_frame_size
         if frame is not None and not 16 * 1024 <= frame <= (1 << 24) - 1:
             raise ConfigError(
@@ -62,8 +77,10 @@ class GrpcOptions:
     def common_options(self) -> OptionList:
         """Options that apply to both the channel and the server."""
         options: OptionList = [
-            ("grpc.max_send_message_length", -1),
-            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", self.max_message_size),
+            ("grpc.max_receive_message_length", self.max_message_size),
+            ("grpc.max_metadata_size", _MAX_METADATA_SIZE),
+            ("grpc.absolute_max_metadata_size", _MAX_METADATA_SIZE),
             ("grpc.http2.bdp_probe", int(self.bdp_probe)),
             ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
@@ -87,14 +104,41 @@ class GrpcOptions:
             ("grpc.enable_retries", 0),  # retries would buffer (copy) every message we send
         ]
 
-    def server_options(self) -> OptionList:
-        """Options of a listening server."""
+    def server_options(self, gate: HandshakeGate | None = None) -> OptionList:
+        """Options of a listening server; `gate` bounds connections before their call starts."""
         min_ping_ms = int(min(self.keepalive_time, 10.0) * 1000)
         return [
             *self.common_options(),
             ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
             ("grpc.so_reuseport", 0),  # a second listener on a used port must fail, not share it
+            # One tensorwire connection is one call on its own TCP connection: a peer that opens
+            # more streams on one connection is not our client, and each stream would be a
+            # connection the TCP connection cap below does not see.
+            ("grpc.max_concurrent_streams", 1),
+            *_admission_options(gate),
         ]
+
+
+def _admission_options(gate: HandshakeGate | None) -> OptionList:
+    """grpc's own bounds for the connections it accepts, from the listener's gate.
+
+    grpc core accepts and handshakes connections where Python cannot see them, so they cannot be
+    counted in the gate. Instead: TLS and the HTTP/2 preface and SETTINGS must be done within
+    gate.timeout of the accept (`server_handshake_timeout_ms`), a connection that then starts no
+    call is closed after gate.timeout (`max_connection_idle_ms`; ours start theirs at once), and
+    with gate.limit no more than that many TCP connections are held at once, handshaking or not
+    (`max_allowed_incoming_connections`: grpc closes the ones above it at accept).
+    """
+    if gate is None:
+        return []
+    timeout_ms = min(max(1, round(gate.timeout * 1000)), _GRPC_MAX_INT)
+    options: OptionList = [
+        ("grpc.server_handshake_timeout_ms", timeout_ms),
+        ("grpc.max_connection_idle_ms", timeout_ms),
+    ]
+    if gate.limit is not None:
+        options.append(("grpc.max_allowed_incoming_connections", gate.limit))
+    return options
 
 
 # --- TLS ----------------------------------------------------------------------------------------

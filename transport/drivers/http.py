@@ -20,14 +20,25 @@ clean end (the zero-size last chunk) that tells a close from a cut. docs/http-dr
 details. The server refuses requests without the `Tensorwire-Driver` header, with a body encoding
 (compression), or on another path, so a stray HTTP client gets an HTTP error, not our stream.
 Buffering HTTP proxies between the sites break the full duplex; use CONNECT tunnels or none.
+
+Admission: until the handler runs, an accepted connection is an `_Admission` (TLS handshake,
+request line, headers). It counts in the listener's HandshakeGate from accept, is cut at
+gate.timeout, and frees its slot the moment it ends: a failed handshake or a peer that left at
+once, a stalled one at the deadline. The request line and headers are capped (`_MAX_HEADERS`
+fields of `_MAX_FIELD_SIZE`), so header bytes cost at most about 64 KiB per connection however
+slowly they come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import logging
+import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -35,6 +46,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http import StreamWriter
 from aiohttp.payload import Payload
+from aiohttp.web_protocol import RequestHandler
 
 from transport.drivers.base import (
     AcceptCallback,
@@ -44,6 +56,7 @@ from transport.drivers.base import (
     HostPort,
     Listener,
     TLSConfig,
+    describe_error,
     format_host_port,
     map_exceptions,
     parse_host_port_url,
@@ -61,6 +74,16 @@ CONNECT_PATH = "/tensorwire/v1/connect"
 PROTOCOL_HEADER = "Tensorwire-Driver"
 PROTOCOL_VERSION = "http/1"
 CONTENT_TYPE = "application/x-tensorwire"
+
+# Our request has a short request line and under ten headers; a proxy adds a few. 32 fields of at
+# most 2 KiB (name and value together) bound what a peer's headers can make the parser hold.
+_MAX_LINE_SIZE = 2048
+_MAX_FIELD_SIZE = 2048
+_MAX_HEADERS = 32
+# Without a gate (a listener outside an Endpoint) the admission phase still ends: asyncio's own
+# default TLS handshake timeout.
+_UNGATED_ADMISSION_TIMEOUT = 60.0
+_BACKLOG = 128  # what aiohttp's TCPSite asked for
 
 # Errors of a connection attempt: refused, unreachable, TLS refused, server gone, timeout.
 _CONNECT_ERRORS: dict[type[BaseException], type[TransportError]] = {
@@ -101,23 +124,159 @@ class HttpOptions:
 
 
 class HttpListener(Listener):
-    """A listening aiohttp server; see Listener."""
+    """A listening socket whose connections go, through admission, to an aiohttp server; see
+    Listener."""
 
-    def __init__(self, runner: web.AppRunner, site: web.TCPSite, url: str) -> None:
+    def __init__(
+        self, runner: web.AppRunner, sock: socket.socket, url: str, admit: _AdmissionFactory
+    ) -> None:
         self._runner = runner  # kept: accepted connections live on after close()
-        self._site = site
-        self._closed = False
+        self._sock = sock
         self.url = url
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_forever(admit))
 
     def __repr__(self) -> str:
         return f"<HttpListener {self.url}>"
 
     async def close(self) -> None:
         """Stop accepting and release the port; accepted connections stay open."""
-        if not self._closed:
-            self._closed = True
-            await self._site.stop()
-        await asyncio.sleep(0)
+        if not self._accepting.done():
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        self._sock.close()
+
+    async def _accept_forever(self, admit: _AdmissionFactory) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Out of fds or memory: accepting more would fail the same way; let some
+                    # connections end first (asyncio's own servers wait the same 1 s).
+                    logger.warning("%r cannot accept: %s", self, describe_error(exc))
+                    await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue  # a connection reset before accept() took it, and the like
+            admit(sock)
+
+
+_AdmissionFactory = Callable[[socket.socket], None]
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY_DELAY = 1.0
+
+
+class _Admission(asyncio.Protocol):
+    """One accepted connection until the request handler takes it: TLS handshake (https), then
+    request line and headers, all within `gate.timeout` of the accept.
+
+    It counts in the gate for exactly that long. TLS is done by `connect_accepted_socket`, which
+    raises when the handshake fails (a server's own handshakes fail silently, holding the slot
+    until the deadline). Once TLS is up it stands between the transport and aiohttp's
+    RequestHandler, forwarding to it, so it sees the connection end at once; `admitted()` (the
+    request handler started) takes it out of the data path with `transport.set_protocol`.
+    """
+
+    def __init__(self, make_handler: Callable[[], RequestHandler], gate: HandshakeGate) -> None:
+        self._make_handler = make_handler
+        self._end_count: Callable[[], None] | None = gate.started()
+        self._deadline: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            gate.timeout, self.cut
+        )
+        self._timeout = gate.timeout
+        self._transport: asyncio.Transport | None = None
+        self._handler: RequestHandler | None = None
+        self._opening: asyncio.Task[None] | None = None
+
+    def start(self, sock: socket.socket, context: ssl.SSLContext | None) -> asyncio.Task[None]:
+        """Take over `sock`: its TLS handshake (with `context`), then aiohttp's parser."""
+        self._opening = asyncio.get_running_loop().create_task(self._open(sock, context))
+        return self._opening
+
+    async def _open(self, sock: socket.socket, context: ssl.SSLContext | None) -> None:
+        extra: dict[str, Any] = {} if context is None else {"ssl_handshake_timeout": self._timeout}
+        try:
+            # The transport owns `sock` from here on, also when this fails: never close it here.
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self, sock, ssl=context, **extra
+            )
+        except Exception as exc:
+            logger.debug("TLS handshake of an https connection failed: %s", describe_error(exc))
+            self.cut()  # a failed handshake frees its slot now, not at the deadline
+        except asyncio.CancelledError:  # cut() during the handshake
+            self._end()
+            raise
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._handler = self._make_handler()
+        self._handler.connection_made(transport)
+
+    def admitted(self) -> None:
+        """The request handler runs: the connection leaves the gate and this protocol the path."""
+        self._end()
+        if self._transport is not None and self._handler is not None:
+            self._transport.set_protocol(self._handler)
+
+    def cut(self) -> None:
+        """Close the connection (its deadline passed, or its handshake failed)."""
+        if self._end_count is not None:
+            if self._transport is not None:
+                self._transport.abort()
+            elif self._opening is not None and self._opening is not asyncio.current_task():
+                self._opening.cancel()  # the handshake is not done: its transport closes
+        self._end()
+
+    def _end(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._end_count is not None:
+            self._end_count()
+            self._end_count = None
+
+    # --- forwarded to the handler while the connection is being admitted --------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self._handler is not None:
+            self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+
+async def _listening_socket(target: HostPort) -> socket.socket:
+    """A non-blocking socket listening on the first address `target.host` resolves to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        target.host, target.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    sock = socket.create_server(address[:2], family=family, backlog=_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _admit(request: web.BaseRequest) -> None:
+    """Tell the request's connection that it is a tensorwire connection now."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, _Admission):
+        protocol.admitted()
 
 
 class HttpDriver(Driver):
@@ -190,26 +349,41 @@ class HttpDriver(Driver):
         tls: TLSConfig | None = None,
         gate: HandshakeGate | None = None,
     ) -> HttpListener:
-        """Listen on http(s)://host:port (port 0: any free port; see Listener.url)."""
+        """Listen on http(s)://host:port (port 0: any free port; see Listener.url). With `gate`,
+        each connection counts there until its request is being served (TLS handshake, request
+        line, headers), and is closed if that takes longer than gate.timeout."""
         target = parse_host_port_url(url, self.schemes, allow_port_zero=True)
         context = _tls_context(target.scheme, tls, url, server_side=True)
         app = web.Application(client_max_size=0)  # 0: no ceiling (we never read() a body whole)
         app.router.add_post(CONNECT_PATH, functools.partial(self._serve, target.scheme, accept))
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, read_bufsize=self.options.read_buffer_size
+            app,
+            access_log=None,
+            handle_signals=False,
+            read_bufsize=self.options.read_buffer_size,
+            max_line_size=_MAX_LINE_SIZE,
+            max_field_size=_MAX_FIELD_SIZE,
+            max_headers=_MAX_HEADERS,
         )
         await runner.setup()
-        site = web.TCPSite(runner, target.host, target.port, ssl_context=context)
         try:
             with map_exceptions({OSError: TransportError}, f"cannot listen on {url}"):
-                await site.start()
+                sock = await _listening_socket(target)
         except BaseException:
             await runner.cleanup()
             raise
-        bound = runner.addresses[0]
-        return HttpListener(
-            runner, site, f"{target.scheme}://{format_host_port(bound[0], bound[1])}"
-        )
+        make_handler = cast(Callable[[], RequestHandler], runner.server)
+        admission_gate = gate or HandshakeGate(_UNGATED_ADMISSION_TIMEOUT)
+        admitting: set[asyncio.Task[None]] = set()
+
+        def admit(accepted: socket.socket) -> None:
+            task = _Admission(make_handler, admission_gate).start(accepted, context)
+            admitting.add(task)  # a task nobody references may be collected mid-way
+            task.add_done_callback(admitting.discard)
+
+        bound = sock.getsockname()
+        url = f"{target.scheme}://{format_host_port(bound[0], bound[1])}"
+        return HttpListener(runner, sock, url, admit)
 
     async def _serve(
         self, scheme: str, accept: AcceptCallback, request: web.Request
@@ -217,7 +391,10 @@ class HttpDriver(Driver):
         """One accepted connection: runs as long as the connection does."""
         refusal = _refusal(request)
         if refusal is not None:
-            return web.Response(status=400, text=refusal + "\n")
+            answer = web.Response(status=400, text=refusal + "\n")
+            answer.force_close()  # a kept-alive stray would start an uncounted header phase
+            return answer
+        _admit(request)
         response = web.StreamResponse(
             headers={PROTOCOL_HEADER: PROTOCOL_VERSION, "Content-Type": CONTENT_TYPE}
         )
