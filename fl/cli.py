@@ -13,7 +13,7 @@ import transport
 from fl.cli_certs import certs_app
 from fl.cli_ops import QuietOption, register_ops_commands
 from fl.daemons_cli import client as fl_client
-from fl.daemons_cli import demo as fl_demo
+from fl.daemons_cli import run_demo_command
 from fl.daemons_cli import server as fl_server
 from fl.sizes import format_size, parse_size
 
@@ -26,8 +26,56 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.command(name="server")(fl_server)
 app.command(name="client")(fl_client)
-app.command(name="demo")(fl_demo)
 register_ops_commands(app)
+
+
+@app.command()
+def demo(
+    task: Annotated[
+        str,
+        typer.Option(
+            help="classify (a padded MLP), lora, sft or embeddings (docs/applications.md)"
+        ),
+    ] = "classify",
+    rounds: Annotated[
+        int | None, typer.Option(min=1, help="FedAvg rounds (default: 3, the task's own)")
+    ] = None,
+    model_size: Annotated[
+        str, typer.Option(help="classify: bytes streamed per model, e.g. 1GiB")
+    ] = "1GiB",
+    clients: Annotated[int, typer.Option(min=1, help="classify: client processes")] = 2,
+    size: Annotated[str, typer.Option(help="lora/sft/embeddings: default or tiny")] = "default",
+    driver: Annotated[str, typer.Option(help="tcp, grpc or http")] = "tcp",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """A server and clients on loopback run FedAvg rounds of a real small task. classify: one row
+    per round (bytes moved, throughput, peak RSS of server and each client, accuracy); lora, sft,
+    embeddings: the paper's applications, federated vs local-only vs centralized."""
+    if task == "classify":
+        run_demo_command(rounds or 3, model_size, clients, driver, as_json, quiet)
+        return
+    _app_demo(task, size, rounds, driver, as_json, quiet)
+
+
+def _app_demo(
+    task: str, size: str, rounds: int | None, driver: str, as_json: bool, quiet: bool
+) -> None:
+    try:
+        from fl.apps.demo import AppDemoOptions, run_app_demo
+        from fl.apps.report import format_table
+    except ImportError as error:  # the llm extra is not installed
+        typer.echo(
+            f"error: {error}; install the llm extra: pip install 'tensorwire[llm]'", err=True
+        )
+        raise typer.Exit(2) from None
+    options = AppDemoOptions(task, size, rounds, driver, progress=not (quiet or as_json))
+    try:
+        summary = run_app_demo(options)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary) if as_json else format_table(summary))
 
 
 @app.command()
