@@ -50,9 +50,9 @@ class EmbeddingsTask(AppTask):
     lm: LMSize = field(default_factory=LMSize)
     per_class: int = 400
     hidden: int = 128
-    epochs: int = 3
+    epochs: int = 10
     batch: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     name: ClassVar[str] = "embeddings"
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True

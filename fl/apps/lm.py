@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def pretrained_base(size: LMSize) -> Path:
         partial = path.with_name(path.name + f".{os.getpid()}.partial")
         # Several shards and an index, as a real checkpoint comes (SafetensorsSource reads both).
         model.save_pretrained(partial, max_shard_size="500KB")
-        partial.replace(path) if not path.exists() else None
+        try:
+            partial.replace(path)
+        except OSError:  # another process saved the same base first: keep theirs
+            shutil.rmtree(partial, ignore_errors=True)
     return path
 
 

@@ -1,0 +1,129 @@
+"""The paper's three applications (fl/apps) at their tiny size: the data, the base model, the
+transport of a `save_pretrained` checkpoint and of a PEFT adapter, and the direction of each
+result (federated at least as good as the mean local-only site), never exact values."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from fl.apps import make_task
+from fl.apps.common import UNION, better
+from fl.apps.data import dirichlet_split, docstrings, labelled_split
+from fl.apps.demo import AppDemoOptions, run_app_demo
+from fl.apps.lm import TINY, lm_config, new_lm, pretrained_base
+from transport import Endpoint, SafetensorsSource, StateDictSink
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny base model is pre-trained once per test session, never into the user's cache."""
+    monkeypatch.setenv("TENSORWIRE_CACHE", str(tmp_path_factory.getbasetemp() / "apps-cache"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_dirichlet_split_is_seeded_covers_every_item_once_and_skews_labels() -> None:
+    labels = [i % 6 for i in range(600)]
+    parts = dirichlet_split(labels, sites=3, alpha=0.5, seed=7)
+    assert parts == dirichlet_split(labels, sites=3, alpha=0.5, seed=7)
+    assert sorted(i for part in parts for i in part) == list(range(600))
+    shares = [[sum(labels[i] == c for i in part) / 100 for c in range(6)] for part in parts]
+    assert max(max(row) for row in shares) > 0.5  # some site holds most of some class
+
+
+def test_the_labelled_texts_come_from_the_standard_library_and_are_reproducible() -> None:
+    texts, labels = docstrings()
+    assert len(texts) > 600
+    assert len(set(labels)) == 6
+    first, second = labelled_split(3, 32, 20), labelled_split(3, 32, 20)
+    for (ids, y), (ids2, y2) in zip(first.train, second.train, strict=True):
+        assert torch.equal(ids, ids2)
+        assert torch.equal(y, y2)
+
+
+async def send_and_receive(source: object, into: dict[str, torch.Tensor]) -> None:
+    async with Endpoint() as receiver, Endpoint() as sender:
+        url = await receiver.listen(f"memory://apps-{id(into)}")
+
+        async def take() -> None:
+            async for transfer in receiver.incoming():
+                await transfer.receive_into(StateDictSink(into=into, strict=True))
+                return
+
+        taking = asyncio.create_task(take())
+        peer = await sender.connect(url)
+        await peer.send_state_dict(source)  # type: ignore[arg-type]
+        await asyncio.wait_for(taking, 30)
+
+
+async def test_a_sharded_save_pretrained_checkpoint_streams_into_a_model_in_place(
+    tmp_path: Path,
+) -> None:
+    sent = new_lm(TINY)
+    sent.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    received = new_lm(TINY.__class__(**{**TINY.__dict__, "seed": 1}))
+    targets = received.state_dict()
+    pointers = {name: t.data_ptr() for name, t in targets.items()}
+    with SafetensorsSource(tmp_path / "model.safetensors.index.json") as source:
+        await send_and_receive(source, targets)
+    for name, tensor in sent.state_dict().items():
+        assert torch.equal(received.state_dict()[name], tensor), name
+        assert received.state_dict()[name].data_ptr() == pointers[name]  # in place
+    assert lm_config(TINY).num_hidden_layers == received.config.num_hidden_layers
+
+
+async def test_a_peft_adapter_is_received_into_the_model_in_place() -> None:
+    task = make_task("lora", "tiny")
+    trained, receiving = task.new_model(), task.new_model()
+    await asyncio.to_thread(task.train_round, trained, 0)
+    adapter = task.exchanged(receiving)
+    assert adapter
+    assert all(".lora_" in n or ".head." in n for n in adapter)
+    pointers = {name: t.data_ptr() for name, t in adapter.items()}
+    await send_and_receive(task.exchanged(trained), adapter)
+    parameters = dict(receiving.named_parameters())
+    for name, tensor in task.exchanged(trained).items():
+        assert torch.equal(parameters[name], tensor), name
+        assert parameters[name].data_ptr() == pointers[name]
+    ids = task.data.test[0][0][:4]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        assert torch.allclose(receiving(ids), trained(ids))
+
+
+def test_the_pretrained_base_is_saved_once_as_sharded_safetensors() -> None:
+    path = pretrained_base(TINY)
+    assert (path / "config.json").exists()
+    assert pretrained_base(TINY) == path
+    assert list(path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["lora", "sft", "embeddings"])
+def test_federated_is_at_least_as_good_as_the_mean_local_only_site(name: str) -> None:
+    summary = run_app_demo(AppDemoOptions(name, "tiny", progress=False, in_process=True))
+    task = make_task(name, "tiny")
+    union = summary["metrics"][UNION]
+    assert better(task, union["federated"], union["local"]), summary["metrics"]
+    assert len(summary["curves"]["federated"]) == task.rounds + 1
+    assert len(summary["bytes_per_round"]) == task.rounds
+    # every site receives and sends the exchanged tensors each round
+    assert min(summary["bytes_per_round"]) >= 2 * task.sites * summary["exchanged_bytes"]
+    if name == "lora":
+        assert summary["exchanged_bytes"] < 0.05 * summary["model_bytes"]
+    else:
+        assert summary["exchanged_bytes"] == summary["model_bytes"]
