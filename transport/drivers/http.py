@@ -84,6 +84,9 @@ _MAX_HEADERS = 32
 # default TLS handshake timeout.
 _UNGATED_ADMISSION_TIMEOUT = 60.0
 _BACKLOG = 128  # what aiohttp's TCPSite asked for
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY_DELAY = 1.0  # asyncio's own servers wait as long after running out of fds
+_AdmissionFactory = Callable[[socket.socket], None]
 
 # Errors of a connection attempt: refused, unreachable, TLS refused, server gone, timeout.
 _CONNECT_ERRORS: dict[type[BaseException], type[TransportError]] = {
@@ -151,19 +154,18 @@ class HttpListener(Listener):
         while True:
             try:
                 sock, _ = await loop.sock_accept(self._sock)
+            except ConnectionAbortedError:
+                continue  # the peer gave up before accept() took its connection
             except OSError as exc:
-                if exc.errno in _OUT_OF_RESOURCES:
-                    # Out of fds or memory: accepting more would fail the same way; let some
-                    # connections end first (asyncio's own servers wait the same 1 s).
-                    logger.warning("%r cannot accept: %s", self, describe_error(exc))
-                    await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue  # a connection reset before accept() took it, and the like
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    logger.error("%r stops accepting: %s", self, describe_error(exc))
+                    return
+                # Out of fds or memory: accepting more would fail the same way; let some
+                # connections end first.
+                logger.warning("%r cannot accept: %s", self, describe_error(exc))
+                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
             admit(sock)
-
-
-_AdmissionFactory = Callable[[socket.socket], None]
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_ACCEPT_RETRY_DELAY = 1.0
 
 
 class _Admission(asyncio.Protocol):
@@ -201,7 +203,7 @@ class _Admission(asyncio.Protocol):
                 lambda: self, sock, ssl=context, **extra
             )
         except Exception as exc:
-            logger.debug("TLS handshake of an https connection failed: %s", describe_error(exc))
+            logger.debug("an accepted connection failed its handshake: %s", describe_error(exc))
             self.cut()  # a failed handshake frees its slot now, not at the deadline
         except asyncio.CancelledError:  # cut() during the handshake
             self._end()
