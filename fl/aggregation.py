@@ -15,6 +15,7 @@ new model never exists whole in RAM either.
         .add(name, tensor, weight, convert=None)       thread-safe; whole tensor or nothing
         .weight(name) -> float   .names()   .seal()   .close()  (FileSums: deletes its file)
         .mean_slices(name) -> Iterator[(start_element, 1-D weighted mean slice)]
+        .read_into(name, start_element, out)           the raw sums, not consumed (fl.robust)
     ServerUpdate, FedAvgUpdate, FedAdamUpdate          the algorithm: base + clients' mean -> new
         (defined in fl.server_optimizers, importable from here as well)
     RoundAggregation(base, layouts, sums, update)      one round
@@ -168,6 +169,21 @@ class Sums(ABC):
         with lock:  # an add already folding finishes first
             return self._means(name, self._weights[name])
 
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> None:
+        """Copy the raw sums of `name` from element `start` into the contiguous 1-D `out`
+        (accumulate_dtype), without consuming them: fl.robust keeps one client's update per
+        name and reads the clients' slices side by side."""
+        with self._registry:
+            if name in self._broken:
+                raise RuntimeError(f"the sums of {name!r} are broken: an add failed half way")
+            if name not in self._weights or name in self._taken:
+                raise ValueError(f"no sums of {name!r} to read")
+            if not 0 <= start <= start + out.numel() <= self._numels[name]:
+                raise ValueError(f"elements [{start}, {start + out.numel()}) are not in {name!r}")
+            lock = self._locks[name]
+        with lock:
+            self._read(name, start, out)
+
     def seal(self) -> None:
         """Refuse further adds; the sums stay readable."""
         with self._registry:
@@ -206,6 +222,9 @@ class Sums(ABC):
     @abstractmethod
     def _means(self, name: str, weight: float) -> Iterator[tuple[int, torch.Tensor]]: ...
 
+    @abstractmethod
+    def _read(self, name: str, start: int, out: torch.Tensor) -> None: ...
+
 
 class MemorySums(Sums):
     """Sums in RAM: one flat accumulate_dtype tensor per model tensor, freed as its mean is read."""
@@ -241,6 +260,9 @@ class MemorySums(Sums):
         total = self._sums.pop(name)
         for start, stop in slice_bounds(total.numel(), self.slice_elements):
             yield start, total[start:stop].div_(weight)
+
+    def _read(self, name: str, start: int, out: torch.Tensor) -> None:
+        out.copy_(self._sums[name][start : start + out.numel()])
 
     def close(self) -> None:
         super().close()
@@ -298,6 +320,9 @@ class FileSums(Sums):
             pread_into(self._fd, mean, region + start * self._itemsize)
             yield start, mean.div_(weight)
 
+    def _read(self, name: str, start: int, out: torch.Tensor) -> None:
+        pread_into(self._fd, out, self._offsets[name] + start * self._itemsize)
+
     def close(self) -> None:
         """Refuse further adds, close and delete the sums file."""
         super().close()
@@ -347,7 +372,7 @@ class RoundAggregation:
         folded = False
         try:
             _check_finite(client, name, tensor, self.sums.slice_elements)
-            self.sums.add(name, tensor, weight, self._converter(name, have))
+            self._fold(client, name, tensor, weight, have)
             folded = True
         finally:
             with self._lock:
@@ -362,12 +387,12 @@ class RoundAggregation:
         """Write the new global tensor `name` slice by slice: write(start_element, new slice in
         the model's dtype); its sums are consumed. Refuses a tensor no client delivered."""
         layout = self._close_tensor(name)
-        assert self.mode is not None  # a delivered tensor fixed it
         base_flat = self.base[name].reshape(-1)
+        mode = self._update_mode()
         self.update.begin_tensor(name, layout)
-        for start, mean in self.sums.mean_slices(name):
+        for start, mean in self._mean_slices(name):
             base_slice = base_flat[start : start + mean.numel()]
-            write(start, self.update.new_slice(name, start, base_slice, mean, self.mode))
+            write(start, self.update.new_slice(name, start, base_slice, mean, mode))
 
     def finish_round(self, write_tensor: TensorWriter) -> RoundOutcome:
         """Refuse further adds, write every tensor not yet finished (in `layouts` order) through
@@ -377,7 +402,7 @@ class RoundAggregation:
                 self._closed = True
                 self._idle.wait_for(lambda: not any(self._in_flight.values()))
             pending = [name for name in self.layouts if name not in self._finished]
-            missing = [name for name in pending if self.sums.weight(name) <= 0]
+            missing = [name for name in pending if self.weight(name) <= 0]
             if missing:
                 raise ValueError(f"no client delivered {len(missing)} tensors, e.g. {missing[0]!r}")
             try:
@@ -405,7 +430,7 @@ class RoundAggregation:
         return self.sums.weight(name)
 
     def weights(self) -> dict[str, float]:
-        return {name: self.sums.weight(name) for name in self.layouts}
+        return {name: self.weight(name) for name in self.layouts}
 
     def close(self) -> None:
         """Refuse further adds and release the sums (an aborted round calls this)."""
@@ -438,8 +463,11 @@ class RoundAggregation:
             if self.mode is None:  # the first add decides; later ones are converted to it
                 self.mode = have
 
-    def _converter(self, name: str, have: ParamsType) -> SliceConvert | None:
-        if have is self.mode:
+    def _converter(
+        self, name: str, have: ParamsType, want: ParamsType | None = None
+    ) -> SliceConvert | None:
+        """Slices sent in mode `have` to mode `want` (the round's by default); None: as sent."""
+        if have is (want or self.mode):
             return None
         base_flat = self.base[name].reshape(-1)
         work = work_dtype(base_flat.dtype)
@@ -461,9 +489,23 @@ class RoundAggregation:
                 raise ValueError(f"tensor {name!r} was already finished")
             self._finished.add(name)  # from here on, adds of it are refused
             self._idle.wait_for(lambda: not self._in_flight.get(name))
-        if self.sums.weight(name) <= 0:
+        if self.weight(name) <= 0:
             raise ValueError(f"no client delivered tensor {name!r}")
         return layout
+
+    # Hooks fl.robust overrides: how a tensor is kept, and what the update rule is given.
+
+    def _fold(
+        self, client: str, name: str, tensor: torch.Tensor, weight: float, have: ParamsType
+    ) -> None:
+        self.sums.add(name, tensor, weight, self._converter(name, have))
+
+    def _mean_slices(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        return self.sums.mean_slices(name)
+
+    def _update_mode(self) -> ParamsType:
+        assert self.mode is not None  # a delivered tensor fixed it
+        return self.mode
 
 
 def __getattr__(name: str) -> object:

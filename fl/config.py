@@ -7,6 +7,7 @@ A bad file is refused with one line per problem naming the field, e.g.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,20 @@ class FedAvgSettings(_Strict):
     save_path: str | None = None  # write the final model here (safetensors)
     algorithm: Literal["fedavg", "fedadam"] = "fedavg"
     fedadam: FedAdamSettings = Field(default_factory=lambda: FedAdamSettings())
+    robust: RobustSettings = Field(default_factory=lambda: RobustSettings())
+
+    @model_validator(mode="after")
+    def _trimming_trims(self) -> FedAvgSettings:
+        # A trimmed mean that can drop nothing would be a plain unweighted mean: refused up
+        # front (the same rule as fl.robust.RobustOptions.check_min_clients, without torch).
+        trim = self.robust.trim_fraction
+        if trim > 0 and int(trim * self.min_clients) < 1:
+            raise ValueError(
+                f"robust.trim_fraction {trim} trims nothing from min_clients = "
+                f"{self.min_clients} clients (floor({trim} * {self.min_clients}) = 0): raise "
+                f"min_clients to at least {math.ceil(1 / trim - 1e-9)} or trim_fraction"
+            )
+        return self
 
 
 class FedAdamSettings(_Strict):
@@ -61,6 +76,24 @@ class FedAdamSettings(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)  # adaptivity: keeps the step finite where v is ~0
+
+
+class RobustSettings(_Strict):
+    """Robust aggregation (fl/robust.py); off by default. Every client's update is kept until
+    the round ends: a model's size per client, on disk when accumulator_dir is set."""
+
+    # Scale each client's update (its change from the global model) to at most this L2 norm.
+    clip_norm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Coordinate-wise trimmed mean: drop floor(trim_fraction * n) largest and smallest values per
+    # coordinate and average the rest, unweighted; needs floor(trim_fraction * min_clients) >= 1.
+    trim_fraction: float = Field(default=0.0, ge=0, lt=0.5)
+    median: bool = False  # coordinate-wise median instead (unweighted); not with trim_fraction
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> RobustSettings:
+        if self.median and self.trim_fraction > 0:
+            raise ValueError("choose median or trim_fraction, not both")
+        return self
 
 
 class ServerConfig(_Strict):

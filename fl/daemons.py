@@ -86,6 +86,9 @@ def build_fedavg(settings: FedAvgSettings, state_dir: str | Path | None = None) 
         "join_timeout": settings.join_timeout,
         "state_dir": state_dir,
         "accumulator_dir": settings.accumulator_dir,
+        "clip_norm": settings.robust.clip_norm,
+        "trim_fraction": settings.robust.trim_fraction,
+        "median": settings.robust.median,
         "on_round": _log_round,
     }
     if settings.algorithm == "fedadam":

@@ -7,6 +7,9 @@ clients' weighted mean update as a pseudo-gradient and keeps Adam's two moment t
 tensor; with `accumulator_dir` they live in files (read and written a slice at a time, like the
 sums), otherwise in memory, and either way they are saved into the job's state directory at the
 end of every round, so a restarted server continues with the same moments.
+
+The robust options (clip_norm, trim_fraction, median: fl/robust.py) are FedAvg's too: with them the
+pseudo-gradient is the clipped mean, trimmed mean or median of the clients' updates.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from fl.controller import Controller, Gathered
 from fl.job_state import JobState, load_state, model_name, remove_stale_models, save_state
 from fl.model import FLModel
 from fl.model_file import ModelFile, ModelFileWriter, copy_file, write_model_file
+from fl.robust import RobustAggregation, RobustOptions
 from fl.server import DEFAULT_MAX_SAMPLE_COUNT, ResultRules
 from fl.server_optimizers import FedAvgUpdate, ServerUpdate
 from transport import SafetensorsSource
@@ -75,7 +76,13 @@ class FedAvg(Controller):
 
     `round_timeout` (None: no deadline, progress-aware waiting) ends each round's gather: sites
     without a result by then fail the round, and min_clients decides whether it counts.
-    `cast_dtypes` and `max_sample_count` are the result rules (fl.server.ResultRules)."""
+    `cast_dtypes` and `max_sample_count` are the result rules (fl.server.ResultRules).
+
+    Robust aggregation (fl/robust.py): `clip_norm` scales each client's update to at most that L2
+    norm; `trim_fraction` (0 <= beta < 0.5) replaces the weighted mean by the coordinate-wise
+    trimmed mean of the updates, `median=True` by their coordinate-wise median (both unweighted).
+    Every client's update is then kept until the round ends: in RAM, or in a file under
+    `accumulator_dir` (a model's size per client on disk)."""
 
     def __init__(
         self,
@@ -92,6 +99,9 @@ class FedAvg(Controller):
         state_dir: str | Path | None = None,
         accumulator_dir: str | Path | None = None,
         accumulate_dtype: torch.dtype = torch.float32,
+        clip_norm: float | None = None,
+        trim_fraction: float = 0.0,
+        median: bool = False,
         evaluate: Callable[[FLModel], Mapping[str, float]] | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         on_tensor: Callable[[str, str, torch.Tensor], None] | None = None,
@@ -119,6 +129,8 @@ class FedAvg(Controller):
         self.state_dir = Path(state_dir)
         self.accumulator_dir = Path(accumulator_dir) if accumulator_dir else None
         self.accumulate_dtype = accumulate_dtype
+        self.robust = RobustOptions(clip_norm, trim_fraction, median)
+        self.robust.check_min_clients(min_clients)
         self.evaluate = evaluate
         self.on_round = on_round
         self.on_tensor = on_tensor  # (client, tensor name, tensor): progress display
@@ -204,8 +216,7 @@ class FedAvg(Controller):
         source = SafetensorsSource(model.path, chunk_size=self.server.endpoint.config.chunk_size)
         outgoing = FLModel(params=source, current_round=number, total_rounds=self.rounds)
         task = self.send_model(outgoing, clients, task_id=f"{state.job}/round-{number}")
-        sums = self._new_sums(number)
-        aggregation = RoundAggregation(model.tensors(), model.layouts, sums, self.update)
+        aggregation = self._new_aggregation(number, model)
         try:
             gathered = await self.gather(
                 task,
@@ -219,9 +230,11 @@ class FedAvg(Controller):
             next_model = self.state_dir / model_name(number + 1)
             await asyncio.to_thread(self._write_next_model, aggregation, model, next_model)
         finally:
-            sums.close()
+            aggregation.close()
             source.close()
         report = self._report(number, clients, gathered, time.perf_counter() - started)
+        if isinstance(aggregation, RobustAggregation):  # what an operator picks clip_norm from
+            report.extra["update_norms"] = aggregation.norms()
         self._advance(state, report)
         return report
 
@@ -237,11 +250,26 @@ class FedAvg(Controller):
         save_state(self.state_dir, state)
         return clients
 
-    def _new_sums(self, number: int) -> Sums:
+    def _new_aggregation(self, number: int, model: ModelFile) -> RoundAggregation:
+        """The round's aggregation: weighted sums, or every client's update kept for a robust
+        rule. A round restarted after a kill reuses (truncates) the same file."""
+        robust = self.robust.active
+        sums = self._new_sums(f"{'updates' if robust else 'sums'}-{number}.bin")
+        try:
+            if robust:
+                return RobustAggregation(
+                    model.tensors(), model.layouts, sums, self.update, self.robust
+                )
+            return RoundAggregation(model.tensors(), model.layouts, sums, self.update)
+        except BaseException:
+            sums.close()
+            raise
+
+    def _new_sums(self, file_name: str) -> Sums:
         if self.accumulator_dir is None:
             return MemorySums(self.accumulate_dtype)
         self.accumulator_dir.mkdir(parents=True, exist_ok=True)
-        return FileSums(self.accumulator_dir / f"sums-{number}.bin", self.accumulate_dtype)
+        return FileSums(self.accumulator_dir / file_name, self.accumulate_dtype)
 
     def _write_next_model(
         self, aggregation: RoundAggregation, model: ModelFile, path: Path
