@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sfm_helpers import (
+    acceptor_after_hello,
     connected_pair,
     of_type,
     payload_parts,
@@ -20,7 +21,9 @@ from sfm_helpers import (
 
 from transport.exceptions import (
     DigestMismatchError,
+    FlowControlError,
     IntegrityError,
+    ProtocolError,
     LocalError,
     StreamStateError,
 )
@@ -107,8 +110,13 @@ def test_many_concurrent_streams_both_directions() -> None:
         for k in range(12):
             sid = conn.open_stream({"kind": "blob", "k": k})
             plan[(name, sid)] = [rng.randbytes(rng.randint(0, 3000)) for _ in range(4)]
-    sends = [(name, sid, i) for (name, sid), blobs in plan.items() for i in range(len(blobs))]
-    rng.shuffle(sends)
+    turns = [key for key, blobs in plan.items() for _ in blobs]
+    rng.shuffle(turns)  # streams interleave at random; each one's indices increase (the rule)
+    sent: dict[tuple[str, int], int] = dict.fromkeys(plan, 0)
+    sends = []
+    for key in turns:
+        sends.append((*key, sent[key]))
+        sent[key] += 1
     got: dict[tuple[str, int], dict[int, bytes]] = {key: {} for key in plan}
     ended: set[tuple[str, int]] = set()
     completed: list[int] = []
@@ -136,7 +144,7 @@ def test_many_concurrent_streams_both_directions() -> None:
 
 
 def test_sender_cannot_exceed_stream_window_and_credit_returns_only_on_consume() -> None:
-    a, b = connected_pair(None, stream_window=1000, connection_window=10_000)
+    a, b = connected_pair(None, stream_window=1000, connection_window=10_000, min_data_credit=0)
     sid = a.open_stream({"kind": "blob"})
     assert a.send_window(sid) == 1000
     a.send_data(sid, 0, [b"x" * 600])
@@ -334,7 +342,7 @@ def test_local_misuse_is_a_clear_local_error() -> None:
     sid = conn.open_stream({})
     assert conn.send_window(sid) == 0  # no credit before the peer's HELLO
     conn.send_data(sid, 0, [b""])
-    with pytest.raises(StreamStateError, match="chunk index 0 on stream 1 was already sent"):
+    with pytest.raises(StreamStateError, match="chunk index 0 on stream 1 after index 0: a stream.s indices must increase"):
         conn.send_data(sid, 0, [b""])
     with pytest.raises(LocalError, match="outside"):
         conn.send_data(sid, -1, [b""])
@@ -348,7 +356,7 @@ def test_local_misuse_is_a_clear_local_error() -> None:
 
 
 def test_consuming_more_than_received_is_refused() -> None:
-    a, b = connected_pair()
+    a, b = connected_pair(min_data_credit=0)
     sid = a.open_stream({})
     a.send_data(sid, 0, [b"12345"])
     pump(a, b)
@@ -409,3 +417,40 @@ def test_chunk_larger_than_the_whole_window_says_so() -> None:
     sid = a.open_stream({})
     with pytest.raises(StreamStateError, match="never fit the peer's 1000-byte stream window"):
         a.send_data(sid, 0, [b"x" * 1001])
+
+
+def test_tiny_and_empty_frames_take_the_receivers_minimum_credit() -> None:
+    # Each frame costs the receiver an event whatever its size: a flood of empty DATA frames
+    # must use up the window like real data, and the credit comes back frame by frame.
+    a, b = connected_pair(None, stream_window=1024, connection_window=1 << 20, min_data_credit=256)
+    sid = a.open_stream({"kind": "blob"})
+    for index in range(4):
+        assert a.can_send(sid, 0)
+        a.send_data(sid, index, [b""])
+    assert a.send_window(sid) == 0
+    assert not a.can_send(sid, 0)
+    with pytest.raises(StreamStateError, match="exceeds the credit"):
+        a.send_data(sid, 4, [b""])
+    pump(a, b)
+    for event in of_type(b.events_received(), DataReceived):
+        b.consumed(sid, len(event.payload))
+    pump(b, a)
+    assert a.send_window(sid) == 1024
+
+
+def test_a_peer_ignoring_the_minimum_credit_is_refused() -> None:
+    conn = acceptor_after_hello(stream_window=1024, min_data_credit=256)
+    frames = [raw(FrameType.OPEN, stream_id=1)]
+    frames += [raw(FrameType.DATA, stream_id=1, offset=index) for index in range(5)]
+    with pytest.raises(FlowControlError, match="256 bytes of DATA with only 0 bytes of credit"):
+        conn.receive_data(b"".join(frames))
+
+
+def test_pings_whose_pongs_are_never_read_are_refused() -> None:
+    conn = acceptor_after_hello()
+    pings = b"".join(raw(FrameType.PING, offset=nonce) for nonce in range(1, 65))
+    conn.receive_data(pings)  # 64 answers queued, nothing written: still tolerated
+    conn.data_to_send()  # written: the count starts again
+    conn.receive_data(pings)
+    with pytest.raises(ProtocolError, match="64 PONGs wait to be sent"):
+        conn.receive_data(raw(FrameType.PING, offset=65))

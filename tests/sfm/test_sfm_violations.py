@@ -85,14 +85,14 @@ VIOLATIONS: list[tuple[str, dict[str, Any], list[bytes], type[ProtocolError], st
     ),
     (
         "data_beyond_stream_credit",
-        {"stream_window": 100},
+        {"stream_window": 100, "min_data_credit": 0},
         [raw(T.OPEN, stream_id=1), raw(T.DATA, stream_id=1, payload=b"x" * 101)],
         FlowControlError,
         "101 bytes of DATA with only 100 bytes of credit on the stream window",
     ),
     (
         "data_beyond_connection_credit",
-        {"stream_window": 100, "connection_window": 150},
+        {"stream_window": 100, "connection_window": 150, "min_data_credit": 0},
         [
             raw(T.OPEN, stream_id=1),
             raw(T.OPEN, stream_id=3),
@@ -111,7 +111,7 @@ VIOLATIONS: list[tuple[str, dict[str, Any], list[bytes], type[ProtocolError], st
             raw(T.DATA, stream_id=1, offset=4, payload=b"b"),
         ],
         UnexpectedFrameError,
-        "duplicate DATA index 4 on stream 1",
+        "DATA index 4 on stream 1 after index 4: a stream.s indices must increase",
     ),
     (
         "data_after_end",

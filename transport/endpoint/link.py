@@ -333,12 +333,14 @@ class Link:
     # --- events --------------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        for event in self._protocol.events_received():
-            if isinstance(event, _PROGRESS_EVENTS):
-                self.last_progress = self.clock.now()
-            if self.error is not None and isinstance(event, _NEW_WORK_EVENTS):
-                continue  # a refused or failed peer opens nothing, asks nothing
-            self._route(event)
+        # Routing a HELLO may accept the peer, which parses what it sent after it: more events.
+        while events := self._protocol.events_received():
+            for event in events:
+                if isinstance(event, _PROGRESS_EVENTS):
+                    self.last_progress = self.clock.now()
+                if self.error is not None and isinstance(event, _NEW_WORK_EVENTS):
+                    continue  # a refused or failed peer opens nothing, asks nothing
+                self._route(event)
         self.schedule_flush()
 
     def _route(self, event: sfm.Event) -> None:
@@ -361,17 +363,28 @@ class Link:
         elif isinstance(event, sfm.ResponseReceived):
             self.requests.on_response(event)
         elif isinstance(event, sfm.HelloReceived):
-            self.remote_hello = event.header
-            self.remote_node = str(event.header.get("node", "")) or None
-            self.metrics.named(self.remote_node)
-            self.greeted.set()
-            if self.on_hello is not None:
-                self.on_hello(self)
+            self._greeted(event)
         elif isinstance(event, sfm.GoAwayReceived) and event.code != "normal":
             self._fail(RemoteError(f"peer closed the connection: {event.reason}", code=event.code))
         elif isinstance(event, sfm.GoAwayReceived):
             self.said_goodbye = True
             self.metrics.closing()  # a normal goodbye: the close that follows is no error
+
+    def _greeted(self, event: sfm.HelloReceived) -> None:
+        self.remote_hello = event.header
+        self.remote_node = str(event.header.get("node", "")) or None
+        self.greeted.set()
+        if self.on_hello is not None:
+            self.on_hello(self)  # may refuse the peer (its token, its certificate)
+        if self.error is not None:
+            return
+        # Named in the metrics only once accepted: refused peers add no label.
+        self.metrics.named(self.remote_node)
+        if self._protocol.holds_hello:
+            try:
+                self._protocol.accept_peer()
+            except ProtocolError as error:
+                self._protocol_failed(error)
 
     def _open_incoming(self, event: sfm.StreamOpened) -> None:
         try:

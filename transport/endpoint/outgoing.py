@@ -160,7 +160,7 @@ class OutgoingStreams:
                 raise slot.error
             if not still_needed():
                 return None
-            if io.protocol.send_window(stream_id) >= nbytes:
+            if io.protocol.can_send(stream_id, nbytes):
                 break
             await self._wait_credit(slot, stream_id)
         checksum = io.protocol.send_data(stream_id, index, parts, header, flags)

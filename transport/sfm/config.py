@@ -14,17 +14,33 @@ from typing import Any, Final
 
 from transport.exceptions import ConfigError, UnexpectedFrameError
 from transport.sfm.flow import MAX_WINDOW
-from transport.wire import DEFAULT_LIMITS, Limits
+from transport.wire import DEFAULT_LIMITS, PREFIX_SIZE, Limits
 
-__all__ = ["HELLO_SETTINGS_KEY", "ConnectionConfig", "PeerSettings"]
+__all__ = [
+    "HELLO_LIMITS",
+    "HELLO_SCRATCH",
+    "HELLO_SETTINGS_KEY",
+    "SCRATCH",
+    "ConnectionConfig",
+    "PeerSettings",
+]
 
 HELLO_SETTINGS_KEY: Final = "sfm"
+# A peer's first frame (its HELLO, or a GOAWAY refusing us) is parsed under these limits, in a
+# scratch of HELLO_SCRATCH bytes: what a connection nobody has authenticated yet may cost. A
+# HELLO carries a node id, a token and a few settings: a few hundred bytes.
+HELLO_LIMITS: Final = Limits(max_header=16 * 1024, max_payload=0, max_frame=PREFIX_SIZE + 16 * 1024)
+HELLO_SCRATCH: Final = 64 * 1024
+SCRATCH: Final = 256 * 1024  # the parser's scratch once the peer is accepted
 _SETTING_RANGES: Final = {
     "stream_window": (0, MAX_WINDOW),
     "connection_window": (0, MAX_WINDOW),
     "max_streams": (0, 2**31),
     "max_pending_requests": (0, 2**31),
+    "min_data_credit": (0, 2**20),
 }
+# Settings a HELLO may leave out, and what they then are.
+_OPTIONAL_SETTINGS: Final = {"min_data_credit": 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +60,13 @@ class ConnectionConfig:
     # Send the final ACK of a stream as soon as its END checks out (True), or only when the
     # application calls `complete_stream()` (False): then the ACK is the application's verdict.
     ack_on_end: bool = True
+    # Credit each DATA frame we receive takes at least (announced in HELLO): every frame costs
+    # us an event and its bookkeeping whatever its size, so a flood of tiny or empty frames
+    # must use up the window too. 0 counts payload bytes only.
+    min_data_credit: int = 256
+    # Parse nothing after the peer's HELLO until the application calls `accept_peer()` (it
+    # checks the peer's token or certificate first). False: accepted as soon as it said hello.
+    hold_hello: bool = False
 
     def __post_init__(self) -> None:
         for name, (low, high) in _SETTING_RANGES.items():
@@ -81,6 +104,7 @@ class PeerSettings:
     connection_window: int
     max_streams: int
     max_pending_requests: int
+    min_data_credit: int  # credit each DATA frame we send takes at least
     stream_credit: int  # credit each stream we open gets at once (the rest comes as CREDIT)
 
     @classmethod
@@ -94,7 +118,7 @@ class PeerSettings:
             )
         values: dict[str, int] = {}
         for name, (low, high) in _SETTING_RANGES.items():
-            value = announced.get(name)
+            value = announced.get(name, _OPTIONAL_SETTINGS.get(name))
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise UnexpectedFrameError(
                     f"HELLO setting {HELLO_SETTINGS_KEY}.{name}={value!r} is outside {low}..{high}"

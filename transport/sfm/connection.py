@@ -13,7 +13,10 @@ Protocol rules beyond the per-stream table (states.py):
 
 - Each side's first frame is HELLO (a GOAWAY refusing the connection may come instead); it carries
   the initial credit and concurrency limits (config.py). Local verbs other than `send_hello` and
-  `close` need our HELLO sent first.
+  `close` need our HELLO sent first. The peer's first frame is parsed under HELLO_LIMITS (16 KiB
+  of header, no payload); with `hold_hello` nothing after it is parsed until `accept_peer()`.
+- DATA indices strictly increase within a stream (a stream's digest is computed as they come,
+  in constant memory); a duplicate or reordered index is a protocol error.
 - Stream and request ids are u32, odd from the initiator, even from the acceptor, and each side's
   ids strictly increase, so a reused id is detected even after the stream was forgotten.
 - A peer's protocol breach raises a `ProtocolError` after a GOAWAY {"code": <error class name>,
@@ -46,12 +49,13 @@ from transport.exceptions import (
     UnexpectedFrameError,
     UnsupportedVersionError,
 )
-from transport.sfm.config import HELLO_SETTINGS_KEY, PeerSettings
+from transport.sfm.config import HELLO_SETTINGS_KEY, SCRATCH, PeerSettings
 from transport.sfm.core import (
     CONNECTION_WINDOW_ID,
     MAX_INDEX,
     ConnectionCore,
     StreamRecord,
+    data_credit,
     payload_size,
     verify_end,
 )
@@ -90,6 +94,9 @@ __all__ = ["PROTOCOL_VERSION", "RESERVED_END_KEYS", "Connection"]
 
 PROTOCOL_VERSION: Final = 1
 RESERVED_END_KEYS: Final = frozenset({"chunks", "bytes", "digest"})
+# PINGs answered while nothing was written (data_to_send not called): one a heartbeat interval
+# from an honest peer, so this many means a peer that does not read.
+MAX_UNSENT_PONGS: Final = 64
 
 
 class Connection(ConnectionCore):
@@ -127,6 +134,7 @@ class Connection(ConnectionCore):
     def data_to_send(self) -> list[Buffer]:
         """Frame bytes to write, in order, as scatter-gather parts; empties the outbox."""
         parts, self._outbox, self._outbox_bytes = self._outbox, [], 0
+        self._pongs_unsent = 0
         return parts
 
     @property
@@ -143,6 +151,11 @@ class Connection(ConnectionCore):
     def peer_settings(self) -> PeerSettings | None:
         """What the peer announced in its HELLO, or None before it arrived."""
         return self._peer
+
+    @property
+    def holds_hello(self) -> bool:
+        """True while the peer's HELLO waits for `accept_peer()`."""
+        return self._peer is not None and self._parser.paused
 
     @property
     def receiving_frame(self) -> bool:
@@ -170,6 +183,14 @@ class Connection(ConnectionCore):
             self._outbox.extend(encoded.parts)
             self._outbox_bytes += encoded.size
         self._held.clear()
+
+    def accept_peer(self) -> None:
+        """The peer that said hello may stay (`hold_hello`): parse what it sent after its HELLO,
+        under the full limits, and everything it sends from now on."""
+        self._raise_if_failed()
+        if not self.holds_hello:
+            raise StreamStateError("accept_peer() needs a peer HELLO waiting to be accepted")
+        self._guarded(lambda: self._parser.resume(self._config.limits, SCRATCH))
 
     def send_ping(self) -> int:
         """Send a PING; the peer's PONG carrying the returned nonce becomes `PongReceived`."""
@@ -203,6 +224,14 @@ class Connection(ConnectionCore):
         self._step(stream, StreamInput.SEND_OPEN)
         return stream_id
 
+    def can_send(self, stream_id: int, nbytes: int) -> bool:
+        """Whether a DATA frame of `nbytes` fits the credit now (see `data_credit`)."""
+        return data_credit(nbytes, self._peer_min_credit) <= self.send_window(stream_id)
+
+    @property
+    def _peer_min_credit(self) -> int:
+        return self._peer.min_data_credit if self._peer else 0
+
     def send_window(self, stream_id: int) -> int:
         """Payload bytes `send_data` may send on this stream now (stream and connection credit)."""
         stream = self._local_stream(stream_id, Role.SENDER)
@@ -235,8 +264,9 @@ class Connection(ConnectionCore):
             header=header,
             payload=list(payload),
         )
-        stream.send_window.spend(nbytes)
-        self._conn_send.spend(nbytes)
+        credit = data_credit(nbytes, self._peer_min_credit)
+        stream.send_window.spend(credit)
+        self._conn_send.spend(credit)
         stream.digest.add(index, checksum, nbytes)
         self._step(stream, StreamInput.SEND_DATA)
         return checksum
@@ -247,11 +277,14 @@ class Connection(ConnectionCore):
         next_state(stream.role, stream.state, StreamInput.SEND_DATA, stream_id)
         if not 0 <= index <= MAX_INDEX:
             raise LocalError(f"chunk index {index} is outside 0..{MAX_INDEX}")
-        if index in stream.digest:
-            raise StreamStateError(f"chunk index {index} on stream {stream_id} was already sent")
+        if index <= stream.digest.last_index:
+            raise StreamStateError(
+                f"chunk index {index} on stream {stream_id} after index "
+                f"{stream.digest.last_index}: a stream's indices must increase"
+            )
         assert stream.send_window is not None
         stream_credit, connection_credit = stream.send_window.available, self._conn_send.available
-        if nbytes <= min(stream_credit, connection_credit):
+        if data_credit(nbytes, self._peer_min_credit) <= min(stream_credit, connection_credit):
             return
         whole = self._peer.stream_window if self._peer else 0
         hint = (
@@ -297,7 +330,8 @@ class Connection(ConnectionCore):
         self._step(stream, StreamInput.SEND_RESUME)
 
     def consumed(self, stream_id: int, nbytes: int) -> None:
-        """The application took `nbytes` of this stream's DATA payload: give that credit back.
+        """The application is done with one DATA event's payload of `nbytes`: give its credit
+        back (call once per DataReceived; a frame takes at least `min_data_credit`).
 
         Grants are batched (see flow.py). Bytes of a stream that was reset were given back at
         the reset, so consuming them later is a no-op; so is any stream already forgotten.
@@ -310,8 +344,9 @@ class Connection(ConnectionCore):
         if stream.role is not Role.RECEIVER:
             raise StreamStateError(f"consumed() on stream {stream_id}, which this side sends")
         assert stream.recv_window is not None
-        stream_grant = stream.recv_window.consume(nbytes)
-        self._grant_connection(self._conn_recv.consume(nbytes))
+        credit = data_credit(nbytes, self._config.min_data_credit)
+        stream_grant = stream.recv_window.consume(credit)
+        self._grant_connection(self._conn_recv.consume(credit))
         if stream_grant and stream.state is StreamState.OPEN:
             self._step(stream, StreamInput.SEND_CREDIT)
             self._send(FrameType.CREDIT, stream_id=stream_id, offset=stream_grant)
@@ -408,6 +443,9 @@ class Connection(ConnectionCore):
             stream.send_window.grant(peer.stream_credit)
         self._events.append(HelloReceived(frame.header))
         self._events.append(CreditGranted(CONNECTION_WINDOW_ID))
+        if not self._config.hold_hello:
+            for later in self._parser.resume(self._config.limits, SCRATCH):
+                self._handle(later)
 
     def _on_goaway(self, frame: Frame) -> None:
         self._goaway_received = True
@@ -417,6 +455,13 @@ class Connection(ConnectionCore):
         )
 
     def _on_ping(self, frame: Frame) -> None:
+        # A peer that pings without reading our answers would grow the outbox for ever.
+        if self._pongs_unsent >= MAX_UNSENT_PONGS:
+            raise UnexpectedFrameError(
+                f"{self._pongs_unsent} PONGs wait to be sent: the peer sends PINGs without "
+                "reading the answers"
+            )
+        self._pongs_unsent += 1
         self._send(FrameType.PONG, offset=frame.offset)
 
     def _on_pong(self, frame: Frame) -> None:
@@ -445,23 +490,26 @@ class Connection(ConnectionCore):
         if self._goaway_sent:
             self._send_reset(stream, "refused", "this side sent GOAWAY: no new streams")
             return
-        self._events.append(StreamOpened(stream_id, frame.header))
+        self._events.append(StreamOpened(stream_id, frame.header, frame.header_size))
 
     def _on_data(self, frame: Frame) -> None:
         stream = self._peer_stream(frame)
         tolerated = stream.state in TERMINAL_STATES
         self._step(stream, StreamInput.RECV_DATA)
         nbytes = memoryview(frame.payload).nbytes
-        self._conn_recv.receive(nbytes)
+        credit = data_credit(nbytes, self._config.min_data_credit)
+        self._conn_recv.receive(credit)
         if tolerated:  # crossed our RESET: count it, give it back, drop it
-            self._grant_connection(self._conn_recv.consume(nbytes))
+            self._grant_connection(self._conn_recv.consume(credit))
             return
-        if frame.offset in stream.digest:
+        if frame.offset <= stream.digest.last_index:
             raise UnexpectedFrameError(
-                f"duplicate DATA index {frame.offset} on stream {stream.stream_id}"
+                f"DATA index {frame.offset} on stream {stream.stream_id} after index "
+                f"{stream.digest.last_index}: a stream's indices must increase (a duplicate or a "
+                "reordering)"
             )
         assert stream.recv_window is not None
-        stream.recv_window.receive(nbytes)
+        stream.recv_window.receive(credit)
         stream.digest.add(frame.offset, frame.checksum, nbytes)
         self._events.append(
             DataReceived(

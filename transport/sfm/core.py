@@ -18,7 +18,12 @@ from transport.exceptions import (
     StreamStateError,
     UnexpectedFrameError,
 )
-from transport.sfm.config import ConnectionConfig, PeerSettings
+from transport.sfm.config import (
+    HELLO_LIMITS,
+    HELLO_SCRATCH,
+    ConnectionConfig,
+    PeerSettings,
+)
 from transport.sfm.digest import StreamDigest
 from transport.sfm.events import Event
 from transport.sfm.flow import ReceiveWindow, SendWindow
@@ -47,6 +52,12 @@ class StreamRecord:
         self.recv_window: ReceiveWindow | None = None
 
 
+def data_credit(nbytes: int, minimum: int) -> int:
+    """The credit a DATA frame with `nbytes` of payload takes (and gives back when consumed):
+    at least the receiver's `min_data_credit` (see ConnectionConfig)."""
+    return max(nbytes, minimum)
+
+
 def payload_size(parts: Sequence[Buffer]) -> int:
     return sum(memoryview(part).nbytes for part in parts)
 
@@ -61,7 +72,9 @@ class ConnectionCore:
         allocate: Callable[[int], bytearray | memoryview] | None = None,
     ) -> None:
         self._config = config
-        self._parser = FrameParser(config.limits, allocate=allocate)
+        self._parser = FrameParser(
+            HELLO_LIMITS, allocate=allocate, scratch_size=HELLO_SCRATCH, pause_after=1
+        )
         self._outbox: list[Buffer] = []
         self._outbox_bytes = 0
         self._held: list[EncodedFrame] = []  # replies queued before our HELLO
@@ -84,6 +97,7 @@ class ConnectionCore:
         self._goaway_sent = False
         self._goaway_received = False
         self._failure: ProtocolError | None = None
+        self._pongs_unsent = 0  # PONGs queued since the outbox was last taken
 
     def _send(
         self,

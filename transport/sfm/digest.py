@@ -22,30 +22,28 @@ _INDEX_AND_CHECKSUM: Final = struct.Struct(">QQ")
 
 
 class StreamDigest:
-    """Chunk count, payload byte count and per-index checksums of one stream's DATA frames."""
+    """Chunk count, payload byte count and running digest of one stream's DATA frames.
 
-    __slots__ = ("_checksums", "payload_bytes")
+    Indices arrive in strictly increasing order (a protocol rule), so the digest is computed as
+    they come: a stream costs a few words, however many chunks it carries.
+    """
+
+    __slots__ = ("_hasher", "chunks", "last_index", "payload_bytes")
 
     def __init__(self) -> None:
-        self._checksums: dict[int, int] = {}
+        self._hasher = xxhash.xxh3_128()
+        self.chunks = 0  # number of chunk indices seen
+        self.last_index = -1  # the highest one (-1: none yet)
         self.payload_bytes = 0
 
-    @property
-    def chunks(self) -> int:
-        """Number of distinct chunk indices seen."""
-        return len(self._checksums)
-
-    def __contains__(self, index: int) -> bool:
-        return index in self._checksums
-
     def add(self, index: int, checksum: int, payload_bytes: int) -> None:
-        """Record one DATA frame; the caller has refused duplicate indices already."""
-        self._checksums[index] = checksum
+        """Record one DATA frame; the caller has refused an index <= last_index already."""
+        assert index > self.last_index, (index, self.last_index)
+        self._hasher.update(_INDEX_AND_CHECKSUM.pack(index, checksum))
+        self.last_index = index
+        self.chunks += 1
         self.payload_bytes += payload_bytes
 
     def hexdigest(self) -> str:
         """The digest over every recorded (index, checksum), in ascending index order."""
-        hasher = xxhash.xxh3_128()
-        for index in sorted(self._checksums):
-            hasher.update(_INDEX_AND_CHECKSUM.pack(index, self._checksums[index]))
-        return str(hasher.hexdigest())
+        return str(self._hasher.hexdigest())

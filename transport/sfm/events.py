@@ -8,7 +8,7 @@ reused (pass an `allocate` that hands out fresh buffers, or copy).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transport.exceptions import TensorwireError
@@ -44,6 +44,9 @@ class StreamOpened:
 
     stream_id: int
     header: Mapping[str, Any]
+    # Its encoded size: what its decoded form may cost is a multiple of it. Not part of what
+    # the event means, so not compared.
+    header_size: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

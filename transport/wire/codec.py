@@ -333,6 +333,11 @@ class FrameParser:
     Payloads of frames that were assembled here are exactly `payload_len` long: a larger buffer
     from `allocate` is sliced. Any error poisons the parser: every later call raises `FrameError`,
     because the byte stream has lost its frame boundaries and the connection must be closed.
+
+    `pause_after=n` stops parsing after n frames: later bytes wait, unparsed, in the scratch
+    (a `FrameTooLargeError` once it is full) until `resume(limits)`. A receiver parses a peer's
+    first frame (its HELLO) under small limits and nothing after it until it has decided to
+    accept that peer: an unauthenticated connection costs the scratch and no more.
     """
 
     def __init__(
@@ -342,6 +347,7 @@ class FrameParser:
         allocate: Callable[[int], bytearray | memoryview] | None = None,
         direct_threshold: int = 64 * 1024,
         scratch_size: int = 256 * 1024,
+        pause_after: int | None = None,
     ) -> None:
         if direct_threshold < 1:
             raise ConfigError(f"direct_threshold={direct_threshold} must be >= 1")
@@ -362,7 +368,31 @@ class FrameParser:
         self._lent = 0  # size of the buffer the last get_buffer() returned (0: none)
         self._lent_is_payload = False
         self._frames_parsed = 0
+        self._pause_after = pause_after  # frames parsed at which parsing stops (None: never)
         self._failure: BaseException | None = None
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def paused(self) -> bool:
+        """True once `pause_after` frames were parsed and until `resume()`."""
+        return self._pause_after is not None and self._frames_parsed >= self._pause_after
+
+    def resume(self, limits: Limits, scratch_size: int | None = None) -> list[Frame]:
+        """Parse on under `limits` (and a scratch of `scratch_size` from now on); return the
+        frames the bytes that waited meanwhile complete."""
+        self._raise_if_failed()
+        self._limits = limits
+        self._pause_after = None
+        if scratch_size is not None:
+            self._scratch_size = scratch_size
+        try:
+            return self._drain_scratch()
+        except BaseException as exc:
+            self._failure = exc
+            raise
 
     @property
     def in_frame(self) -> bool:
@@ -387,9 +417,15 @@ class FrameParser:
             buffer = self._payload[self._filled :]
             self._lent_is_payload = True
         else:
-            self._make_room()
+            if self.paused:
+                self._compact()
+            else:
+                self._make_room()
             buffer = memoryview(self._scratch)[self._end :]
             self._lent_is_payload = False
+            if self.paused and not buffer:
+                self._failure = self._held_too_long()
+                raise self._failure
         self._lent = len(buffer)
         return buffer
 
@@ -439,11 +475,35 @@ class FrameParser:
                 "the connection must be closed"
             ) from failure
 
+    def _held_too_long(self) -> FrameTooLargeError:
+        return FrameTooLargeError(
+            f"{self._end - self._start} bytes arrived after frame {self._frames_parsed} before "
+            f"this side accepted the peer: at most {len(self._scratch)} may wait"
+        )
+
+    def _compact(self) -> None:
+        buffered = self._end - self._start
+        self._scratch[:buffered] = self._scratch[self._start : self._end]
+        self._start, self._end = 0, buffered
+
+    def _hold(self, view: memoryview, pos: int) -> int:
+        """Paused: keep the bytes, unparsed, in the scratch; it does not grow for them."""
+        self._compact()
+        take = len(view) - pos
+        if take > len(self._scratch) - self._end:
+            self._end += len(self._scratch) - self._end  # counted in the error message
+            raise self._held_too_long()
+        self._scratch[self._end : self._end + take] = view[pos:]
+        self._end += take
+        return take
+
     def _feed_view(self, view: memoryview) -> list[Frame]:
         frames: list[Frame] = []
         pos, size = 0, len(view)
         while pos < size:
-            if self._payload is not None:
+            if self.paused and self._prefix is None:
+                pos += self._hold(view, pos)
+            elif self._payload is not None:
                 pos += self._feed_payload(view, pos, frames)
             elif not self.in_frame and size - pos >= PREFIX_SIZE:
                 pos += self._feed_inline(view, pos, frames)
@@ -518,7 +578,7 @@ class FrameParser:
         view = memoryview(self._scratch)
         while self._payload is None:
             if self._prefix is None:
-                if self._end - self._start < PREFIX_SIZE:
+                if self._end - self._start < PREFIX_SIZE or self.paused:
                     break
                 self._prefix = _read_prefix(view, self._start, self._limits, self._frames_parsed)
                 self._start += PREFIX_SIZE
@@ -597,4 +657,5 @@ class FrameParser:
             header=decoded,
             payload=payload,
             checksum=prefix.checksum,
+            header_size=prefix.header_len,
         )

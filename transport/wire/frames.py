@@ -114,3 +114,6 @@ class Frame:
     header: Mapping[str, Any] = field(default_factory=dict)
     payload: Buffer = b""
     checksum: int = 0
+    # Bytes of the encoded header on the wire (parser-filled; not compared: not part of the
+    # frame's meaning).
+    header_size: int = field(default=0, compare=False)
