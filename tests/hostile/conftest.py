@@ -17,6 +17,7 @@ import pytest
 from transport import DigestSink, Endpoint, SyntheticSource
 from transport.drivers import driver_for
 from transport.endpoint.clock import ManualClock
+from transport.exceptions import TransportError
 from transport.wire import Frame, FrameParser, FrameType, encode_frame
 
 MIB = 1 << 20
@@ -39,6 +40,7 @@ class RawReceiver:
     credited: asyncio.Event = field(default_factory=asyncio.Event)  # a CREDIT frame arrived
     greeted: asyncio.Event = field(default_factory=asyncio.Event)  # the server's HELLO arrived
     _buffer: bytearray = field(default_factory=lambda: bytearray(1 << 16))
+    reset: bool = False  # the connection was refused before any byte was exchanged
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self._buffer)
@@ -65,10 +67,22 @@ class RawReceiver:
             return []
 
     def goaway_code(self) -> str | None:
+        if self.reset:
+            return "reset"
         for frame in self.frames():
             if frame.type is FrameType.GOAWAY:
                 return str(frame.header.get("code"))
         return None
+
+
+class _Gone:
+    """The connection of an attacker that was reset while connecting."""
+
+    def abort(self) -> None:
+        pass
+
+    async def send(self, parts: list[bytes]) -> None:
+        pass
 
 
 def hello() -> bytes:
@@ -140,9 +154,17 @@ class Arena:
     async def connect(self, payload: bytes | list[bytes]) -> tuple[RawReceiver, Any]:
         """Connect raw and write `payload` (pieces in order)."""
         receiver = RawReceiver()
-        connection = await driver_for(self.url).connect(self.url, receiver)
+        try:
+            connection = await driver_for(self.url).connect(self.url, receiver)
+        except TransportError:  # reset before the exchange began (http refusing when busy)
+            receiver.reset = True
+            receiver.closed.set()
+            return receiver, _Gone()
         for piece in payload if isinstance(payload, list) else [payload]:
-            await connection.send([piece])
+            try:
+                await connection.send([piece])
+            except TransportError:  # refused at once (busy, locked out): what it was told counts
+                break
         return receiver, connection
 
     async def hung_up(self, receiver: RawReceiver, connection: Any) -> RawReceiver:
@@ -158,7 +180,7 @@ class Arena:
 async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
     scheme = request.param
     name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)
-    listen = f"memory://{name}" if scheme == "memory" else "tcp://127.0.0.1:0"
+    listen = f"memory://{name}" if scheme == "memory" else f"{scheme}://127.0.0.1:0"
     clock = ManualClock()
     async with Endpoint(clock=clock, **SERVER_SETTINGS) as server:
         url = await server.listen(listen)

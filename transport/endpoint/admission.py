@@ -81,3 +81,52 @@ class AuthFailures:
 def _bound(table: OrderedDict[str, Any]) -> None:
     while len(table) > MAX_TRACKED_SOURCES:
         table.popitem(last=False)
+
+
+# What a transfer opened but not taken yet may cost per byte of its OPEN header: the decoded
+# JSON and the parsed manifest together measured ~8x the header (466 + 372 bytes per tensor
+# entry of ~82 bytes), plus the objects every transfer has.
+QUEUED_COST_PER_HEADER_BYTE = 8
+QUEUED_COST_BASE = 4096
+
+
+def queued_cost(header_size: int) -> int:
+    """The memory a queued (untaken) transfer with an OPEN header of `header_size` may hold."""
+    return QUEUED_COST_BASE + QUEUED_COST_PER_HEADER_BYTE * header_size
+
+
+class QueuedBudget:
+    """Per identity, what its transfers that the application has not taken yet may cost.
+
+    A peer can open transfers faster than a busy application takes them; each queued one holds
+    its manifest. One queued transfer is always admitted (however large its manifest: the frame
+    limits bound it), more only within `limit` bytes together.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}  # owner -> cost queued
+        self._entries: dict[int, tuple[str, int]] = {}  # transfer key -> (owner, cost)
+
+    def admit(self, key: int, owner: str, cost: int) -> bool:
+        held = self._held.get(owner, 0)
+        if held and held + cost > self.limit:
+            return False
+        self._held[owner] = held + cost
+        self._entries[key] = (owner, cost)
+        return True
+
+    def release(self, key: int) -> None:
+        """The transfer was taken, or ended: it no longer counts (idempotent)."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        owner, cost = entry
+        left = self._held[owner] - cost
+        if left:
+            self._held[owner] = left
+        else:
+            del self._held[owner]
+
+    def held(self, owner: str) -> int:
+        return self._held.get(owner, 0)

@@ -10,8 +10,8 @@ from transport import sfm
 from transport.codecs import CompressionMode, CompressionPolicy
 from transport.drivers import TLSConfig
 from transport.exceptions import ConfigError
-from transport.payload import DEFAULT_CHUNK_SIZE
-from transport.wire import DEFAULT_LIMITS, PREFIX_SIZE, Limits
+from transport.payload import DEFAULT_CHUNK_SIZE, ManifestLimits
+from transport.wire import PREFIX_SIZE, Limits
 
 # The safetensors header of a chunk is small, but a chunk of many tiny tensors carries one JSON
 # entry per tensor; credit and buffers leave this much room above chunk_size for it.
@@ -66,7 +66,14 @@ class EndpointConfig:
     # ending inside a frame); it gets `frame_grace` seconds before that is checked. 0 disables.
     min_frame_rate: float = 1024.0
     frame_grace: float = 10.0
-    limits: Limits | None = None  # None: derived from chunk_size (see frame_limits)
+    limits: Limits | None = None  # None: derived from chunk_size and max_header
+    # Memory a peer's announcements may cost (docs/operations.md, "Memory under attack"): the
+    # largest frame header (an OPEN's manifest: ~80 bytes a tensor), the most chunks one
+    # transfer may plan (~250 bytes each, planned when the application takes it), and what the
+    # transfers one identity opened but the application has not taken yet may hold together.
+    max_header: int = 16 * 2**20
+    max_chunks: int = 2**18
+    max_queued_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         room = self.chunk_size + CHUNK_HEADER_ROOM
@@ -85,6 +92,9 @@ class EndpointConfig:
             )
         if not 1 <= self.streams <= 64:
             raise ConfigError(f"streams must be in 1..64, got {self.streams}")
+        for name in ("max_header", "max_chunks", "max_queued_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_connections <= 0:
             raise ConfigError(f"max_connections must be positive, got {self.max_connections}")
         if self.min_frame_rate < 0:
@@ -115,6 +125,9 @@ class EndpointConfig:
             # receiving application's verdict that it committed the transfer.
             stream_credit=0,
             ack_on_end=False,
+            # A peer that dialed us is authenticated (endpoint._greeted) before anything it sent
+            # after its HELLO is even parsed.
+            hold_hello=not is_initiator,
         )
 
     @property
@@ -125,10 +138,17 @@ class EndpointConfig:
         if self.limits is not None:
             return self.limits
         payload = self.chunk_size + CHUNK_HEADER_ROOM
-        header = DEFAULT_LIMITS.max_header
+        header = self.max_header
         return Limits(
             max_header=header, max_payload=payload, max_frame=PREFIX_SIZE + header + payload
         )
+
+    @property
+    def manifest_limits(self) -> ManifestLimits:
+        """What a received manifest may announce: chunks no larger than ours (a larger one could
+        never arrive in one frame) and at most max_chunks of them."""
+        largest = self.frame_limits.max_payload - CHUNK_HEADER_ROOM
+        return ManifestLimits(max_chunk_size=max(largest, 1), max_chunks=self.max_chunks)
 
     def compression_policy(self) -> CompressionPolicy:
         """A fresh policy (one per transfer: each measures its own link and data)."""
@@ -174,3 +194,6 @@ class EndpointOptions(TypedDict, total=False):
     min_frame_rate: float
     frame_grace: float
     limits: Limits | None
+    max_header: int
+    max_chunks: int
+    max_queued_bytes: int

@@ -25,7 +25,13 @@ from typing_extensions import Unpack
 
 from transport import metrics, sfm
 from transport.drivers import DriverConnection, HandshakeGate, Listener, driver_for
-from transport.endpoint.admission import AuthFailures, source_of, token_travels_in_clear
+from transport.endpoint.admission import (
+    AuthFailures,
+    QueuedBudget,
+    queued_cost,
+    source_of,
+    token_travels_in_clear,
+)
 from transport.endpoint.clock import Clock
 from transport.endpoint.config import CHUNK_HEADER_ROOM, EndpointConfig, EndpointOptions
 from transport.endpoint.identity import certificate_name, claim_refusal, owner, verified_node
@@ -37,6 +43,7 @@ from transport.exceptions import (
     ConfigError,
     ConnectError,
     ConnectionClosedError,
+    LocalError,
     TensorwireError,
     WrongEventLoopError,
 )
@@ -46,6 +53,7 @@ from transport.transfer import (
     NEW,
     TERMINAL,
     IncomingRegistry,
+    IncomingState,
 )
 from transport.transfer import headers as transfer_headers
 from transport.wire import Buffer
@@ -81,6 +89,8 @@ class Endpoint:
         self._peers: dict[Link, Peer] = {}
         self._peers_by_identity: dict[tuple[str, str], Peer] = {}
         self._registry = IncomingRegistry()
+        self._queued = QueuedBudget(self.config.max_queued_bytes)
+        self.manifest_limits = self.config.manifest_limits
         self._transfers: dict[int, IncomingTransfer] = {}  # id(state) -> its public object
         self._request_handler: RequestHandler | None = None
         self._auth_failures = AuthFailures(
@@ -334,6 +344,8 @@ class Endpoint:
         opened = self._registry.on_open(key, event.header, self.clock.now(), owner(link))
         if opened.action == NEW:
             assert opened.transfer is not None
+            if not self._queue_admits(link, event, opened.transfer):
+                return
             link.receiving += 1
             transfer = IncomingTransfer(
                 self, opened.transfer, link, event.stream_id, verified_node(link)
@@ -349,6 +361,26 @@ class Endpoint:
             link.send_resume(event.stream_id, {"held": held})
         else:
             link.reset_stream(event.stream_id, opened.code, opened.reason)
+
+    def _queue_admits(self, link: Link, event: sfm.StreamOpened, state: IncomingState) -> bool:
+        """Admit a new transfer within its owner's budget of queued (untaken) transfers, or
+        refuse it (the sender's send fails with the reason; the peer stays)."""
+        cost = queued_cost(event.header_size)
+        if self._queued.admit(id(state), state.owner, cost):
+            return True
+        reason = (
+            f"this receiver holds {self._queued.held(state.owner)} bytes of transfers from this "
+            f"peer that the application has not taken yet; one more ({cost} bytes) is over "
+            f"max_queued_bytes={self.config.max_queued_bytes}: retry once they are taken"
+        )
+        state.fail(LocalError(reason), code="busy")
+        self._registry.finished(state)
+        link.reset_stream(event.stream_id, "busy", reason)
+        return False
+
+    def taken(self, transfer: IncomingTransfer) -> None:
+        """The application took the transfer: it no longer counts as queued."""
+        self._queued.release(id(transfer._state))
 
     def stream_event(
         self, link: Link, event: sfm.DataReceived | sfm.StreamEnded | sfm.StreamFailed
@@ -396,6 +428,8 @@ class Endpoint:
     def settle(self, transfer: IncomingTransfer) -> None:
         """Forget a transfer that ended (its routes, its object); remember a committed one."""
         state = transfer._state
+        if state.state in TERMINAL:
+            self._queued.release(id(state))
         if state.state in TERMINAL and self._transfers.pop(id(state), None) is not None:
             for link, _ in state.streams:
                 if isinstance(link, Link):

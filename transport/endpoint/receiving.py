@@ -35,7 +35,7 @@ from transport.exceptions import (
     TensorwireError,
 )
 from transport.logs import TransferRecord
-from transport.payload import Chunk, Manifest, Sink, decode_chunk, plan_chunks
+from transport.payload import Chunk, Manifest, ManifestLimits, Sink, decode_chunk, plan_chunks
 from transport.transfer import Data, IncomingState, StreamKey, TransferState
 from transport.transfer.headers import BYTES, STATE_DICT
 from transport.wire import FrameFlags
@@ -75,8 +75,11 @@ class IncomingTransfer:
         self.size: int | None = opened.size
         self.transfer_id: str | None = opened.transfer_id
         self.manifest: Manifest | None = (
-            Manifest.from_header(opened.manifest) if opened.kind == STATE_DICT else None
+            Manifest.from_header(opened.manifest, hub.manifest_limits)
+            if opened.kind == STATE_DICT
+            else None
         )
+        state.release_manifest()
         self._plan: list[Chunk] = []  # planned when taken: an untaken transfer costs nothing
         self._queue: deque[tuple[Link, sfm.DataReceived]] = deque()
         self._arrived = asyncio.Event()
@@ -329,12 +332,17 @@ class IncomingTransfer:
         if self._taken:
             raise StreamStateError(f"transfer {self.transfer_id} is already being received")
         self._taken = True
+        self._hub.taken(self)
 
 
 class _Hub(Protocol):
     """What a transfer needs from its endpoint."""
 
+    manifest_limits: ManifestLimits
+
     def check_loop(self) -> None: ...
+
+    def taken(self, transfer: IncomingTransfer) -> None: ...
 
     def settle(self, transfer: IncomingTransfer) -> None: ...
 

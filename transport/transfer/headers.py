@@ -10,9 +10,12 @@ field the peer sent before anything is allocated for it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
+
+import xxhash
 
 from transport.exceptions import ManifestError, ProtocolError
 from transport.sfm import StreamDigest
@@ -44,9 +47,12 @@ class OpenHeader:
     transfer_id: str | None
     attempt: int
     stripes: int
-    manifest: Any = None  # the raw manifest header (payload.Manifest parses it)
+    manifest: Any = None  # the raw manifest header (payload.Manifest parses it), until released
     size: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # What identifies the manifest once the raw header is released (a resumed attempt must
+    # announce the same one): a digest of its canonical JSON.
+    manifest_digest: str = ""
 
     @classmethod
     def parse(cls, header: Mapping[str, Any]) -> OpenHeader:
@@ -76,11 +82,23 @@ class OpenHeader:
             manifest=header.get("manifest"),
             size=size if type(size) is int and size >= 0 else None,
             meta=meta if isinstance(meta, Mapping) else {},
+            manifest_digest=_canonical_digest(header.get("manifest")),
         )
 
     def same_transfer(self, other: OpenHeader) -> bool:
         """Another attempt of the same transfer must announce the same content."""
-        return self.kind == other.kind and self.manifest == other.manifest
+        return self.kind == other.kind and self.manifest_digest == other.manifest_digest
+
+    def without_manifest(self) -> OpenHeader:
+        """This header less its raw manifest (parsed by now): a queued transfer keeps one copy."""
+        return replace(self, manifest=None)
+
+
+def _canonical_digest(value: Any) -> str:
+    if value is None:
+        return ""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return str(xxhash.xxh3_128_hexdigest(canonical.encode()))
 
 
 def open_header(

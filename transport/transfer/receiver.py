@@ -100,6 +100,10 @@ class IncomingState:
 
     # --- streams and attempts --------------------------------------------------------------
 
+    def release_manifest(self) -> None:
+        """The raw manifest was parsed: drop it (a resumed attempt is matched by its digest)."""
+        self.opened = self.opened.without_manifest()
+
     def join(self, key: StreamKey, opened: OpenHeader, now: float) -> bool:
         """Another stream of this transfer opened. True: it joins (a stripe of the current
         attempt, or the first of a newer one); False: an older attempt's (reset it STALE)."""
