@@ -97,6 +97,25 @@ def test_memory_and_file_sums_give_the_same_bits(tmp_path: Path) -> None:
     assert bits(in_memory) == bits(in_file)
 
 
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_read_into_copies_raw_sums_without_consuming_them(kind: str, tmp_path: Path) -> None:
+    """What fl.robust reads each client's stored update with: any range, any number of times."""
+    sums = new_sums(kind, tmp_path, slice_elements=3)
+    sums.add("w", torch.arange(10.0), 2.0)
+    for start, stop in ((0, 10), (3, 7), (9, 10), (4, 4)):
+        out = torch.empty(stop - start)
+        sums.read_into("w", start, out)
+        assert torch.equal(out, torch.arange(start, stop, dtype=torch.float32) * 2)
+    with pytest.raises(ValueError, match=r"elements \[8, 11\) are not in 'w'"):
+        sums.read_into("w", 8, torch.empty(3))
+    with pytest.raises(ValueError, match="no sums of 'v'"):
+        sums.read_into("v", 0, torch.empty(1))
+    assert next(sums.mean_slices("w"))[1].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="no sums of 'w'"):  # the mean consumed them
+        sums.read_into("w", 0, torch.empty(1))
+    sums.close()
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 NAN_W = torch.full((7, 5), float("nan"))
