@@ -61,6 +61,13 @@ def demo(
 def _app_demo(
     task: str, size: str, rounds: int | None, driver: str, as_json: bool, quiet: bool
 ) -> None:
+    from fl.apps import SIZES, TASKS  # names only: transformers is imported by the tasks
+
+    for value, known, option in ((task, TASKS, "--task"), (size, SIZES, "--size")):
+        if value not in known:
+            choices = ", ".join(("classify", *known) if option == "--task" else known)
+            typer.echo(f"error: unknown {option[2:]} {value!r}: one of {choices}", err=True)
+            raise typer.Exit(2)
     try:
         from fl.apps.demo import AppDemoOptions, run_app_demo
         from fl.apps.report import format_table

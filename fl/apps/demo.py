@@ -47,13 +47,14 @@ def run_app_demo(options: AppDemoOptions) -> dict[str, Any]:
     say = _reporter(options.progress)
     started = time.perf_counter()
     pretrained_base(task.lm)  # type: ignore[attr-defined]  # once, before the sites load it
+    seconds = {"pretraining": time.perf_counter() - started}
     federated, history, model = asyncio.run(_federated(task, options, say))
-    seconds = {"federated": time.perf_counter() - started}
+    seconds["federated"] = time.perf_counter() - started - seconds["pretraining"]
     local = {}
     for site in range(task.sites):
         local[site_name(site)] = train_alone(task, site)
         say(f"local-only {site_name(site)}: {_brief(task, local[site_name(site)].final)}")
-    seconds["local"] = time.perf_counter() - started - seconds["federated"]
+    seconds["local"] = time.perf_counter() - started - sum(seconds.values())
     centralized = train_alone(task, None)
     say(f"centralized: {_brief(task, centralized.final)}")
     seconds["total"] = time.perf_counter() - started

@@ -53,19 +53,25 @@ class EmbeddingsTask(AppTask):
     epochs: int = 10
     batch: int = 32
     lr: float = 2e-3
+    _embedded: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     name: ClassVar[str] = "embeddings"
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
 
     @cached_property
     def data(self) -> LabelledSplit:
-        """The labelled split with every text replaced by its embedding (computed once)."""
-        split = labelled_split(self.sites, self.lm.context, self.per_class)
+        """The labelled texts (token ids); each part is embedded when first used, so a site
+        embeds its own texts only and the server the held-out ones."""
+        return labelled_split(self.sites, self.lm.context, self.per_class)
 
-        def embedded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:  # type: ignore[type-arg]
-            return [(embed(ids, self.lm), labels) for ids, labels in parts]
-
-        return LabelledSplit(embedded(split.train), embedded(split.test), split.classes)
+    def vectors(self, part: str, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, labels) of `part` ("train" or "test") of `site`."""
+        if (part, site) not in self._embedded:
+            ids, labels = getattr(self.data, part)[site]
+            self._embedded[part, site] = (embed(ids, self.lm), labels)
+        return self._embedded[part, site]
 
     def new_model(self) -> nn.Module:
         torch.manual_seed(self.lm.seed + 2)
@@ -75,12 +81,14 @@ class EmbeddingsTask(AppTask):
         return model.state_dict()
 
     def train_round(self, model: nn.Module, site: int | None) -> None:
-        vectors, labels = self.data.pooled_train() if site is None else self.data.train[site]
+        sites = range(self.sites) if site is None else [site]
+        parts = [self.vectors("train", s) for s in sites]
+        vectors, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         train_classifier(model, vectors, labels, self.epochs, self.batch, self.lr, seed=site or 0)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()
-        return accuracy_by_site(model, self.data.test)
+        return accuracy_by_site(model, [self.vectors("test", s) for s in range(self.sites)])
 
     def sample_count(self, site: int) -> int:
         return len(self.data.train[site][1])
