@@ -217,11 +217,13 @@ class HandshakeGate:
     - grpc(s):// cannot count: grpc core accepts connections and runs TLS and HTTP/2 setup where
       Python cannot see them, so `pending` stays 0. The gate's numbers become grpc's own bounds
       instead: TLS plus the HTTP/2 preface and SETTINGS must end within `timeout` of the accept
-      (`grpc.server_handshake_timeout_ms`), a connection that then starts no call is closed
-      after `timeout` (`grpc.max_connection_idle_ms`), one TCP connection carries one call
-      (`grpc.max_concurrent_streams`), and with `limit` grpc holds at most that many TCP
-      connections, handshaking or established (`grpc.max_allowed_incoming_connections`;
-      connections above it are closed at accept, before any byte is read).
+      (`grpc.server_handshake_timeout_ms`), a connection that then starts no call, or leaves
+      its call's HEADERS unfinished, is closed after `timeout` (`grpc.max_connection_idle_ms`),
+      and once the call runs accept() has it and the endpoint's own hello_timeout applies. One
+      TCP connection carries one call (`grpc.max_concurrent_streams`), and with `limit` grpc
+      holds at most that many TCP connections, handshaking or established
+      (`grpc.max_allowed_incoming_connections`; connections above it are closed at accept,
+      before any byte is read).
     - plain tcp:// and memory:// have no phase before accept() and leave the gate alone.
     """
 

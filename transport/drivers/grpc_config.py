@@ -125,10 +125,10 @@ def _admission_options(gate: HandshakeGate | None) -> OptionList:
     grpc core accepts and handshakes connections where Python cannot see them, so they cannot be
     counted in the gate. Instead: TLS and the HTTP/2 preface and SETTINGS must be done within
     gate.timeout of the accept (`server_handshake_timeout_ms`), a connection that then starts no
-    call is closed after gate.timeout (`max_connection_idle_ms`; ours start theirs at once), and
-    with gate.limit no more than that many TCP connections are held at once, handshaking or not
-    (`max_allowed_incoming_connections`: grpc closes the ones above it at accept).
-    """
+    call or leaves its HEADERS unfinished is closed after gate.timeout (`max_connection_idle_ms`;
+    ours start their call at once), and with gate.limit no more than that many TCP connections
+    are held at once, handshaking or not (`max_allowed_incoming_connections`: grpc closes the
+    ones above it at accept)."""
     if gate is None:
         return []
     timeout_ms = min(max(1, round(gate.timeout * 1000)), _GRPC_MAX_INT)
