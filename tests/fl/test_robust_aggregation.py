@@ -37,7 +37,7 @@ from fl.daemons import build_fedavg
 from fl.fedavg import FedAvg
 from fl.model import SAMPLE_COUNT, FLModel, ParamsType
 from fl.robust import RobustAggregation, RobustOptions
-from fl.server_optimizers import FedAvgUpdate
+from fl.server_optimizers import FedAdamUpdate, FedAvgUpdate
 from tests.fl.helpers import Trainer, new_server, run_client
 
 U32 = 2.0**-24
@@ -358,6 +358,22 @@ def test_integer_tensors_are_neither_counted_nor_scaled() -> None:
     aggregation.finish_round(lambda name, start, piece: out.update({name: piece.clone()}))
     assert torch.equal(out["steps"], torch.tensor([18, 28]))  # the median step, unscaled
     assert out["w"].tolist() == [pytest.approx(0.3), 0.0]  # medians of 1, 0.3, -1 and of 0s
+
+
+def test_fedadam_steps_on_the_robust_update() -> None:
+    """The update rule gets the median update as a DIFF mean: Adam's pseudo-gradient."""
+    base = {"w": torch.full((4,), 0.5)}
+    update = FedAdamUpdate(eta=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    options = RobustOptions(median=True)
+    layouts = {"w": TensorLayout.of(base["w"])}
+    aggregation = RobustAggregation(base, layouts, MemorySums(), update, options)
+    for site, value in {"a": 1.5, "b": 2.5, "mallory": 1e6}.items():
+        aggregation.add(site, "w", torch.full((4,), value), 1, "FULL")
+    out: dict[str, torch.Tensor] = {}
+    aggregation.finish_round(lambda name, start, piece: out.update({name: piece.clone()}))
+    delta = 2.0  # the median of the updates 1, 2 and 1e6 - 0.5
+    m, v = 0.1 * delta, 0.99 * 1e-3**2 + 0.01 * delta**2
+    assert torch.allclose(out["w"], torch.full((4,), 0.5 + 0.1 * m / (v**0.5 + 1e-3)))
 
 
 # --- refusals ----------------------------------------------------------------------------------
