@@ -23,6 +23,7 @@ new model never exists whole in RAM either.
         .finish_tensor(name, write(start, slice))
         .finish_round(write_tensor(name, start, slice)) -> RoundOutcome   (closes the sums)
         .contributors(name) -> tuple[str, ...]   .weight(name) -> float   .close()
+    fl.robust.RobustAggregation keeps each client's update instead (clipping, trimmed mean, median)
 
 Dropouts: each tensor's average is over the clients whose copy of THAT tensor arrived whole (the
 weight sums are per tensor). `add()` checks everything it can (name, shape, weight, finite values,
