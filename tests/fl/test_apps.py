@@ -5,6 +5,7 @@ result (federated at least as good as the mean local-only site), never exact val
 from __future__ import annotations
 
 import asyncio
+import difflib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,16 @@ def test_federated_is_at_least_as_good_as_the_mean_local_only_site(name: str) ->
         assert summary["exchanged_bytes"] < 0.05 * summary["model_bytes"]
     else:
         assert summary["exchanged_bytes"] == summary["model_bytes"]
+
+
+@pytest.mark.parametrize("name", ["lora", "sft", "embeddings"])
+def test_each_federated_example_is_its_centralized_twin_plus_the_client_api(name: str) -> None:
+    examples = Path(__file__).parents[2] / "examples"
+    before = (examples / f"{name}_centralized.py").read_text().splitlines()
+    after = (examples / f"{name}_federated.py").read_text().splitlines()
+    diff = list(difflib.ndiff(before, after))
+    added = [line[2:] for line in diff if line.startswith("+ ") and line[2:].strip()]
+    removed = [line[2:] for line in diff if line.startswith("- ") and line[2:].strip()]
+    assert len(added) <= 5, added
+    assert removed == ["    for _ in range(task.rounds):"]
+    assert "        flare.receive(into=tensors)" in added  # in place into the model's tensors
