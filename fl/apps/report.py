@@ -79,3 +79,35 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """Site x method as a Markdown table (docs/applications.md)."""
+    lines = [
+        f"| held-out data | {' | '.join(METHODS)} |",
+        "| --- |" + " ---: |" * len(METHODS),
+    ]
+    for site, scores in summary["metrics"].items():
+        cells = " | ".join(f"{scores[m]:.3f}" for m in METHODS)
+        lines.append(f"| {site} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """`python -m fl.apps.report SUMMARY.json [--plot OUT.png]`: the tables (and the plot) of a
+    saved `tensorwire demo --task ... --json` summary."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("summary", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    summary = json.loads(args.summary.read_text().strip().splitlines()[-1])
+    print(format_table(summary), "", markdown_table(summary), sep="\n")
+    if args.plot is not None:
+        plot(summary, args.plot)
+
+
+if __name__ == "__main__":
+    main()
