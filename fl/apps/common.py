@@ -66,6 +66,14 @@ class AppTask(ABC):
                 targets[name].copy_(tensor)
 
 
+def round_seed(model: nn.Module, site: int | None) -> int:
+    """A seed for this model's next round of local training: each round draws other minibatches
+    (a client keeps its model object across rounds, so the count lives on the model)."""
+    rounds = getattr(model, "_rounds_trained", 0)
+    model._rounds_trained = rounds + 1  # type: ignore[assignment]
+    return 1000 * rounds + (-1 if site is None else site)
+
+
 def exchanged_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.nbytes for t in tensors.values())
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -75,7 +76,10 @@ def _docs_of(owner: object, module_name: str, depth: int = 0) -> list[str]:
 
 def _docs_of_module(name: str) -> list[str]:
     module = importlib.import_module(name)
-    return [_clean(doc) for doc in _docs_of(module, module.__name__) if len(doc) >= 40]
+    with warnings.catch_warnings():  # reading typing.io's docstring warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        docs = _docs_of(module, module.__name__)
+    return [_clean(doc) for doc in docs if len(doc) >= 40]
 
 
 @cache

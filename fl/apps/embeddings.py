@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fl.apps.common import AppTask
+from fl.apps.common import AppTask, round_seed
 from fl.apps.data import PAD_ID, LabelledSplit, labelled_split
 from fl.apps.lm import TINY, LMSize, load_base
 from fl.apps.lora import train_classifier
@@ -84,7 +84,8 @@ class EmbeddingsTask(AppTask):
         sites = range(self.sites) if site is None else [site]
         parts = [self.vectors("train", s) for s in sites]
         vectors, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        train_classifier(model, vectors, labels, self.epochs, self.batch, self.lr, seed=site or 0)
+        seed = round_seed(model, site)
+        train_classifier(model, vectors, labels, self.epochs, self.batch, self.lr, seed)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()

@@ -75,11 +75,13 @@ def lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def train_lm(model: PreTrainedModel, ids: torch.Tensor, steps: int, batch: int, lr: float) -> None:
+def train_lm(
+    model: PreTrainedModel, ids: torch.Tensor, steps: int, batch: int, lr: float, seed: int = 0
+) -> None:
     """AdamW over seeded minibatches of `ids` (the optimizer starts afresh: a round's local
     training on the Client API receives the model and nothing else)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(steps * 7919 + len(ids))
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
         picked = torch.randint(len(ids), (batch,), generator=generator)

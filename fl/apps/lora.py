@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fl.apps.common import AppTask
+from fl.apps.common import AppTask, round_seed
 from fl.apps.data import PAD_ID, LabelledSplit, labelled_split
 from fl.apps.lm import TINY, LMSize, load_base
 from fl.apps.metrics import accuracy_by_site
@@ -73,7 +73,8 @@ class LoRATask(AppTask):
 
     def train_round(self, model: nn.Module, site: int | None) -> None:
         ids, labels = self.data.pooled_train() if site is None else self.data.train[site]
-        train_classifier(model, ids, labels, self.epochs, self.batch, self.lr, seed=site or 0)
+        seed = round_seed(model, site)
+        train_classifier(model, ids, labels, self.epochs, self.batch, self.lr, seed)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from fl.apps.common import AppTask
+from fl.apps.common import AppTask, round_seed
 from fl.apps.data import split_text, text_sources, text_windows
 from fl.apps.lm import TINY, LMSize, lm_loss, load_base, train_lm
 from fl.apps.metrics import perplexity_by_site
@@ -66,7 +66,7 @@ class SFTTask(AppTask):
             steps = self.steps * self.sites  # the compute of all sites together
         else:
             ids, steps = self.texts[site].train, self.steps
-        train_lm(model, ids, steps, self.batch, self.lr)
+        train_lm(model, ids, steps, self.batch, self.lr, seed=round_seed(model, site))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         assert isinstance(model, LlamaForCausalLM)
@@ -81,7 +81,7 @@ class SFTTask(AppTask):
 
 def default() -> SFTTask:
     """The demo's size: minutes on two cores."""
-    return SFTTask()
+    return SFTTask(rounds=8)
 
 
 def tiny() -> SFTTask:
