@@ -102,4 +102,4 @@ def default() -> EmbeddingsTask:
 
 def tiny() -> EmbeddingsTask:
     """Seconds, for the tests."""
-    return EmbeddingsTask(rounds=3, lm=TINY, per_class=60, hidden=32, epochs=5, lr=3e-3)
+    return EmbeddingsTask(rounds=3, lm=TINY, per_class=60, hidden=64, epochs=15, lr=3e-3)
