@@ -51,6 +51,24 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 UNKNOWN_PEER = "unknown"
+OTHER_PEERS = "other"
+# Distinct `peer` label values kept per process: a labelled series lives for ever, so a server
+# open to anyone must not grow one per node id that ever connected. Beyond this, "other".
+MAX_PEER_LABELS = 256
+_PEER_LABELS: set[str] = set()
+
+
+def _peer_label(peer: str | None) -> str:
+    if not peer:
+        return UNKNOWN_PEER
+    if peer in _PEER_LABELS:
+        return peer
+    if len(_PEER_LABELS) >= MAX_PEER_LABELS:
+        return OTHER_PEERS
+    _PEER_LABELS.add(peer)
+    return peer
+
+
 _LINK_LABELS = ("direction", "driver", "peer")
 
 WIRE_BYTES = Counter("tensorwire_wire_bytes", "Bytes on connections.", _LINK_LABELS)
@@ -150,7 +168,7 @@ class LinkMetrics:
     def named(self, peer: str | None) -> None:
         """The peer said who it is (its hello)."""
         if not self._named:
-            self.peer = peer or UNKNOWN_PEER
+            self.peer = _peer_label(peer)
             self._bind()
 
     def received(self, nbytes: int) -> None:

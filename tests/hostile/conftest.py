@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,19 +16,23 @@ from typing import Any
 import pytest
 
 from transport import DigestSink, Endpoint, SyntheticSource
-from transport.drivers import driver_for
+from transport.certs import client_tls, create_pki, server_tls
+from transport.drivers import TLSConfig, driver_for
 from transport.endpoint.clock import ManualClock
 from transport.exceptions import TransportError
 from transport.wire import Frame, FrameParser, FrameType, encode_frame
 
 MIB = 1 << 20
-DRIVERS = ["memory", "tcp", "grpc", "http"]
+DRIVERS = ["memory", "tcp", "tcps", "grpc", "grpcs", "http", "https"]
+TLS_SCHEMES = {"tcps", "grpcs", "https"}
 HELLO_TIMEOUT = 0.5  # manual seconds
 SERVER_SETTINGS = {
     "chunk_size": MIB,
     "stream_window": 4 * MIB,
     "hello_timeout": HELLO_TIMEOUT,
     "max_connections": 64,
+    # Small enough that a few queued manifests reach it (the default is 64 MiB).
+    "max_queued_bytes": 16 * MIB,
 }
 
 
@@ -119,6 +124,7 @@ class Arena:
     clock: ManualClock
     url: str
     honest: asyncio.Future[int]
+    attacker_tls: TLSConfig | None = None  # trusts the server's CA; presents no certificate
 
     async def attack(
         self,
@@ -155,7 +161,9 @@ class Arena:
         """Connect raw and write `payload` (pieces in order)."""
         receiver = RawReceiver()
         try:
-            connection = await driver_for(self.url).connect(self.url, receiver)
+            connection = await driver_for(self.url).connect(
+                self.url, receiver, tls=self.attacker_tls
+            )
         except TransportError:  # reset before the exchange began (http refusing when busy)
             receiver.reset = True
             receiver.closed.set()
@@ -176,13 +184,24 @@ class Arena:
         assert await asyncio.wait_for(self.honest, 60) == 48 * MIB
 
 
+@pytest.fixture(scope="session")
+def arena_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("arena-pki")
+    create_pki(directory, clients=["honest"])
+    return directory
+
+
 @pytest.fixture(params=DRIVERS)
-async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
+async def arena(request: pytest.FixtureRequest, arena_pki: Path) -> AsyncIterator[Arena]:
     scheme = request.param
     name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)
     listen = f"memory://{name}" if scheme == "memory" else f"{scheme}://127.0.0.1:0"
     clock = ManualClock()
-    async with Endpoint(clock=clock, **SERVER_SETTINGS) as server:
+    tls = scheme in TLS_SCHEMES
+    server_side = server_tls(arena_pki, require_client_cert=False) if tls else None
+    client_side = client_tls(arena_pki, "honest") if tls else None
+    attacker = TLSConfig(ca_file=str(arena_pki / "ca.pem")) if tls else None
+    async with Endpoint(clock=clock, tls=server_side, **SERVER_SETTINGS) as server:
         url = await server.listen(listen)
 
         receiving: set[asyncio.Future[object]] = set()
@@ -194,7 +213,7 @@ async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
                 receiving.add(asyncio.ensure_future(transfer.receive_into(DigestSink())))
 
         serving = asyncio.ensure_future(serve())
-        async with Endpoint(chunk_size=MIB, stream_window=4 * MIB) as client:
+        async with Endpoint(chunk_size=MIB, stream_window=4 * MIB, tls=client_side) as client:
             peer = await client.connect(url)
             # Slow enough to still be running while the attacks happen.
             source = SyntheticSource(48 * MIB, seed=2, tensor_bytes=4 * MIB, chunk_size=MIB)
@@ -203,5 +222,5 @@ async def arena(request: pytest.FixtureRequest) -> AsyncIterator[Arena]:
                 result = await peer.send_state_dict(source)
                 return result.bytes
 
-            yield Arena(server, clock, url, asyncio.ensure_future(honest()))
+            yield Arena(server, clock, url, asyncio.ensure_future(honest()), attacker)
         serving.cancel()

@@ -177,6 +177,7 @@ async def test_wrong_tokens_lock_the_source_out(
     # An honest client from another address is not affected.
     async with Endpoint(tls=pki.client, token=TOKEN) as honest:
         await honest.connect(url)
+        # Taken while it is connected: a peer gone before the application took it is dropped.
         await asyncio.wait_for(anext(accepted), 10)
     # The lockout ends on the endpoint's clock (no real wait).
     await clock.advance(299)
@@ -184,9 +185,9 @@ async def test_wrong_tokens_lock_the_source_out(
     assert refusal is not None
     assert refusal[0] == "locked_out"
     await clock.advance(2)
+    # Kept: greeted, and a PING answered (the connection ends with the attempt, so the peer
+    # is gone before accepted() could hand it out).
     assert await raw_tls_attempt(url, pki.raw_context, hello_with(TOKEN)) is None
-    peer = await asyncio.wait_for(anext(accepted), 10)
-    assert peer is not None
 
 
 async def test_failures_spread_beyond_the_window_do_not_lock(

@@ -289,7 +289,13 @@ class _TcpProtocol(asyncio.BufferedProtocol):
                 f"{self._scheme} connection to {peer} lost: {describe_error(exc)}"
             )
             error.__cause__ = exc
-        self._receiver.connection_lost(error)
+        receiver, self._receiver = self._receiver, None
+        receiver.connection_lost(error)
+        # Nothing is delivered from now on. Without these references the connection and its
+        # transport (a TLS session and its 256 KiB buffer) go by reference counting once the
+        # receiver lets go of the connection, not whenever the cyclic collector runs.
+        self._transport = None
+        self.connection = None
 
 
 class TcpConnection(DriverConnection):

@@ -15,6 +15,7 @@ The same code runs over every driver: the URL's scheme picks it.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from hmac import compare_digest
@@ -85,9 +86,16 @@ class Endpoint:
         self._incoming: asyncio.Queue[IncomingTransfer] = asyncio.Queue()
         self._listeners: list[Listener] = []
         self._links: set[Link] = set()
-        self._accepted: asyncio.Queue[Peer] = asyncio.Queue()
+        # Peers that connected and that accepted() has not handed out yet; one whose connection
+        # ends before it is taken is dropped, so a storm of brief connections leaves nothing.
+        self._accepted: dict[Peer, None] = {}
+        self._peer_arrived = asyncio.Event()
         self._peers: dict[Link, Peer] = {}
-        self._peers_by_identity: dict[tuple[str, str], Peer] = {}
+        # A peer is found again by its identity when it reconnects, while anyone (a transfer
+        # waiting for it, the application, a live link) still holds it; then it is forgotten.
+        self._peers_by_identity: weakref.WeakValueDictionary[tuple[str, str], Peer] = (
+            weakref.WeakValueDictionary()
+        )
         self._registry = IncomingRegistry()
         self._queued = QueuedBudget(self.config.max_queued_bytes)
         self.manifest_limits = self.config.manifest_limits
@@ -99,7 +107,9 @@ class Endpoint:
             self.config.auth_lockout,
         )
         # Connections still in their TLS handshake: they hold a slot, for hello_timeout at most.
-        self._handshakes = HandshakeGate(self.config.hello_timeout)
+        self._handshakes = HandshakeGate(
+            self.config.hello_timeout, limit=self.config.max_connections
+        )
         self.codec_pool: ThreadPoolExecutor | None = (
             None
             if self.config.compression == "off"
@@ -219,10 +229,16 @@ class Endpoint:
 
     async def accepted(self) -> AsyncIterator[Peer]:
         """Every peer that connects to this endpoint's listeners (once, however often it
-        reconnects)."""
+        reconnects). A peer whose connection ended before it was taken here is dropped: a storm
+        of brief connections must not pile up peers nobody will use."""
         self.check_loop()
         while True:
-            yield await self._accepted.get()
+            while not self._accepted:
+                self._peer_arrived.clear()
+                await self._peer_arrived.wait()
+            peer = next(iter(self._accepted))
+            del self._accepted[peer]
+            yield peer
 
     async def close(self) -> None:
         """Stop listening, fail what is still being received (the senders learn it at once)
@@ -312,7 +328,8 @@ class Endpoint:
         self._peers[link] = peer
         if identity[1]:
             self._peers_by_identity[identity] = peer
-        self._accepted.put_nowait(peer)
+        self._accepted[peer] = None
+        self._peer_arrived.set()
 
     def _new_link(self, *, is_initiator: bool) -> Link:
         config = self.config
@@ -334,7 +351,9 @@ class Endpoint:
 
     def _forget(self, link: Link) -> None:
         self._links.discard(link)
-        self._peers.pop(link, None)
+        peer = self._peers.pop(link, None)
+        if peer is not None and peer._link is link:  # gone before anyone took it: drop it
+            self._accepted.pop(peer, None)
 
     # --- the streams peers open (StreamRouter): the transfer layer decides ---------------------
 

@@ -74,6 +74,10 @@ _PROGRESS_EVENTS = (
 _NEW_WORK_EVENTS = (sfm.StreamOpened, sfm.RequestReceived)
 
 
+# Bytes a failed link reads into (and drops) at a time while its GOAWAY is flushed.
+DISCARD_SIZE = 16 * 1024
+
+
 class Link:
     """A connection to one peer; create with `Link(...)`, then `attach(driver_connection)`."""
 
@@ -99,9 +103,13 @@ class Link:
         self.clock = clock
         self._node_id = node_id
         self._driver: DriverConnection | None = None
+        self._peer_info: PeerInfo | None = None
         self._write_lock = asyncio.Lock()
         self._flush_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Tasks that only watch a live connection (heartbeat, hello deadline, frame rate): they
+        # end with it, or they would keep the link (and its buffers) alive until they wake.
+        self._watchers: set[asyncio.Task[Any]] = set()
         self.receiving = 0  # streams the peer sends us here (for metrics)
         self.last_progress = self.last_received = clock.now()
         self.error: TensorwireError | None = None
@@ -110,7 +118,7 @@ class Link:
         self.said_goodbye = False  # the peer closed cleanly (a normal GOAWAY)
         self.remote_node: str | None = None
         self.remote_hello: Mapping[str, Any] = {}
-        self._discard = memoryview(bytearray(64 * 1024))
+        self._discard: memoryview | None = None  # made when first needed (a failed link)
         self.bytes_in = 0
         self.bytes_out = 0
         # The spell of reads that ended inside a frame: when it began and the bytes since then
@@ -143,15 +151,16 @@ class Link:
         that sends a frame slower than that (bytes/s, after `frame_grace` seconds) is dropped.
         """
         self._driver = driver
+        self._peer_info = driver.peer
         self.metrics.opened(driver.peer.scheme, lambda: (len(self.sending), self.receiving))
         self._protocol.send_hello({**(hello or {}), "node": self._node_id})
         self.schedule_flush()
         if self._heartbeat_interval > 0:
-            self._spawn(self._heartbeat())
+            self._watch(self._heartbeat())
         if hello_timeout is not None:
-            self._spawn(self._require_hello(hello_timeout))
+            self._watch(self._require_hello(hello_timeout))
         if min_frame_rate > 0:
-            self._spawn(self._watch_frames(min_frame_rate, frame_grace))
+            self._watch(self._watch_frames(min_frame_rate, frame_grace))
 
     async def _watch_frames(self, rate: float, grace: float) -> None:
         """Drop a slow loris: a peer that began a frame and then trickles it. While the bytes
@@ -213,7 +222,7 @@ class Link:
 
     @property
     def peer(self) -> PeerInfo | None:
-        return self._driver.peer if self._driver else None
+        return self._peer_info
 
     async def close(self) -> None:
         """Say goodbye, flush what is queued and close the driver connection.
@@ -260,13 +269,23 @@ class Link:
         self.requests.fail_all(error)
         self.closed.set()
         self._frame_begun.set()  # the frame watcher sees the error and ends
+        current = asyncio.current_task()
+        for task in list(self._watchers):
+            if task is not current:
+                task.cancel()
         if self.on_closed is not None:
             self.on_closed(self)
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _watch(self, coroutine: Awaitable[Any]) -> None:
+        task = self._spawn(coroutine)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     # --- driver callbacks (ByteReceiver) -------------------------------------------------------
 
@@ -277,6 +296,8 @@ class Link:
             except ProtocolError as error:
                 self._protocol_failed(error)
         # A failed link drains what still arrives while its GOAWAY is flushed, then aborts.
+        if self._discard is None:
+            self._discard = memoryview(bytearray(DISCARD_SIZE))
         return self._discard
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -313,6 +334,10 @@ class Link:
     def connection_lost(self, exc: TransportError | None) -> None:
         self._dispatch()
         self._fail(exc or ConnectionClosedError(f"connection to {self._peer_name()} lost"))
+        # The link is part of reference cycles (its streams, requests and tasks point back at
+        # it) that only the cyclic collector frees; the driver's objects (a TLS session and its
+        # buffers: ~1 MiB) must not wait for that with it.
+        self._driver = None
 
     def _protocol_failed(self, error: ProtocolError) -> None:
         log.warning("peer %s broke the protocol: %s", self._peer_name(), error)
