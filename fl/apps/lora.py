@@ -45,7 +45,7 @@ class LoRATask(AppTask):
     per_class: int = 200
     epochs: int = 2
     batch: int = 16
-    lr: float = 5e-3
+    lr: float = 2e-3
     name: ClassVar[str] = "lora"
     metric: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
