@@ -72,6 +72,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for name, curve in curves["local"].items():
             axis.plot(rounds, [c[site] for c in curve], ":", label=f"local {name}")
         axis.set_title(f"held-out: {site}")
+        if not summary["higher_is_better"]:
+            axis.set_yscale("log")  # a local model's perplexity off its own text is far above
         axis.set_xlabel("round")
     axes[0].set_ylabel(summary["metric"])
     axes[-1].legend(fontsize="small")
