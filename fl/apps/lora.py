@@ -108,7 +108,7 @@ def train_classifier(
 
 def default() -> LoRATask:
     """The demo's size: minutes on two cores."""
-    return LoRATask()
+    return LoRATask(rounds=8)
 
 
 def tiny() -> LoRATask:
