@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,14 +90,14 @@ class _Gone:
         pass
 
 
-def hello() -> bytes:
+def hello(node: str = "attacker") -> bytes:
     settings = {
         "stream_window": 4 * MIB,
         "connection_window": 16 * MIB,
         "max_streams": 8,
         "max_pending_requests": 8,
     }
-    header = {"protocol": 1, "node": "attacker", "sfm": settings}
+    header = {"protocol": 1, "node": node, "sfm": settings}
     return raw(FrameType.HELLO, header=header)
 
 

@@ -134,6 +134,8 @@ async def test_a_thousand_connection_attempts(arena: Arena) -> None:
         receivers = await arena.stall([b""] * 100)
         codes += [seen.goaway_code() for seen in receivers]
     assert set(codes) <= {"busy", "hello_timeout", "reset"}
-    assert "busy" in codes or "reset" in codes  # beyond max_connections (64 here) a connection is refused at once
+    assert (
+        "busy" in codes or "reset" in codes
+    )  # beyond max_connections (64 here) a connection is refused at once
     await arena.honest_completes()
     assert psutil.Process().memory_info().rss - rss_before < 256 * MIB
