@@ -53,7 +53,6 @@ from transport.sfm.config import HELLO_SETTINGS_KEY, SCRATCH, PeerSettings
 from transport.sfm.core import (
     CONNECTION_WINDOW_ID,
     MAX_INDEX,
-    ConnectionCore,
     StreamRecord,
     data_credit,
     payload_size,
@@ -66,8 +65,6 @@ from transport.sfm.events import (
     GoAwayReceived,
     HelloReceived,
     PongReceived,
-    RequestReceived,
-    ResponseReceived,
     ResumeReceived,
     StreamCompleted,
     StreamEnded,
@@ -76,6 +73,7 @@ from transport.sfm.events import (
     StreamReset,
 )
 from transport.sfm.flow import ReceiveWindow, SendWindow
+from transport.sfm.requests import Requests
 from transport.sfm.states import (
     TERMINAL_STATES,
     Role,
@@ -86,7 +84,6 @@ from transport.sfm.states import (
 from transport.wire import (
     Buffer,
     Frame,
-    FrameFlags,
     FrameType,
 )
 
@@ -99,7 +96,7 @@ RESERVED_END_KEYS: Final = frozenset({"chunks", "bytes", "digest"})
 MAX_UNSENT_PONGS: Final = 64
 
 
-class Connection(ConnectionCore):
+class Connection(Requests):
     """One SFM connection, either side, with no I/O of its own."""
 
     # --- bytes in ------------------------------------------------------------------------------
@@ -373,34 +370,6 @@ class Connection(ConnectionCore):
         self._step(stream, StreamInput.SEND_ACK)
         self._retire_if_done(stream)
 
-    # --- requests ------------------------------------------------------------------------------
-
-    def send_request(self, header: Mapping[str, Any], body: Buffer = b"") -> int:
-        """Send a request; the peer's answer becomes `ResponseReceived`. Returns its id."""
-        self._require_can_start("send a request")
-        limit = self._peer.max_pending_requests if self._peer else self._config.max_pending_requests
-        if len(self._requests_sent) >= limit:
-            raise StreamStateError(
-                f"{len(self._requests_sent)} requests await answers, the peer accepts {limit}"
-            )
-        request_id = self._take_id("_next_request_id")
-        self._send(FrameType.REQUEST, stream_id=request_id, header=header, payload=body)
-        self._requests_sent.add(request_id)
-        return request_id
-
-    def send_response(
-        self, request_id: int, header: Mapping[str, Any], body: Buffer = b"", error: bool = False
-    ) -> None:
-        """Answer the peer's request `request_id`; `error=True` means its handling failed."""
-        self._require_hello()
-        if request_id not in self._requests_received:
-            raise StreamStateError(f"no unanswered request {request_id} from the peer")
-        flags = int(FrameFlags.ERROR) if error else 0
-        self._send(
-            FrameType.RESPONSE, stream_id=request_id, flags=flags, header=header, payload=body
-        )
-        self._requests_received.discard(request_id)
-
     # --- frames in -----------------------------------------------------------------------------
 
     def _guarded(self, parse: Callable[[], list[Frame]]) -> None:
@@ -583,33 +552,6 @@ class Connection(ConnectionCore):
         if live:
             self._events.append(ResumeReceived(stream.stream_id, frame.header))
 
-    def _on_request(self, frame: Frame) -> None:
-        request_id = frame.stream_id
-        self._check_peer_id(request_id, self._highest_peer_request, "request", "REQUEST")
-        if self._goaway_received:
-            raise UnexpectedFrameError(f"REQUEST {request_id} after the peer's GOAWAY")
-        pending = len(self._requests_received)
-        if pending >= self._config.max_pending_requests:
-            raise UnexpectedFrameError(
-                f"REQUEST {request_id} while {pending} requests are unanswered: the limit is "
-                f"{self._config.max_pending_requests}"
-            )
-        self._highest_peer_request = request_id
-        self._requests_received.add(request_id)
-        if self._goaway_sent:
-            refusal = {"code": "refused", "reason": "this side sent GOAWAY: no new requests"}
-            self.send_response(request_id, refusal, error=True)
-            return
-        self._events.append(RequestReceived(request_id, frame.header, frame.payload))
-
-    def _on_response(self, frame: Frame) -> None:
-        request_id = frame.stream_id
-        if request_id not in self._requests_sent:
-            raise UnexpectedFrameError(f"RESPONSE to request {request_id}, which is not pending")
-        self._requests_sent.discard(request_id)
-        error = bool(frame.flags & FrameFlags.ERROR)
-        self._events.append(ResponseReceived(request_id, frame.header, frame.payload, error))
-
     _HANDLERS: Final[dict[FrameType, Callable[[Connection, Frame], None]]] = {
         FrameType.HELLO: _on_hello,
         FrameType.GOAWAY: _on_goaway,
@@ -622,6 +564,6 @@ class Connection(ConnectionCore):
         FrameType.END: _on_end,
         FrameType.RESET: _on_reset,
         FrameType.RESUME: _on_resume,
-        FrameType.REQUEST: _on_request,
-        FrameType.RESPONSE: _on_response,
+        FrameType.REQUEST: Requests._on_request,
+        FrameType.RESPONSE: Requests._on_response,
     }

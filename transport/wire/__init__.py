@@ -1,4 +1,4 @@
-"""The wire layer: the frame format (frames.py) and its codec (codec.py). Pure: no I/O.
+"""The wire layer: the frame format (frames.py), its codec (codec.py) and parser (parser.py). Pure.
 
 encoded = encode_frame(FrameType.DATA, stream_id=3, offset=0, payload=[chunk])
 sock.sendmsg(encoded.parts)                  # scatter-gather, the payload is not copied
@@ -7,7 +7,7 @@ parser = FrameParser(limits)
 frames = parser.feed(received_bytes)         # or get_buffer()/buffer_updated() to read in place
 """
 
-from transport.wire.codec import DEFAULT_LIMITS, EncodedFrame, FrameParser, encode_frame, serialize
+from transport.wire.codec import DEFAULT_LIMITS, EncodedFrame, encode_frame, serialize
 from transport.wire.frames import (
     KNOWN_FLAGS,
     MAGIC,
@@ -20,6 +20,7 @@ from transport.wire.frames import (
     FrameType,
     Limits,
 )
+from transport.wire.parser import FrameParser
 
 __all__ = [
     "DEFAULT_LIMITS",
