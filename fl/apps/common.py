@@ -17,6 +17,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fl.apps.lm import LMSize
+
 UNION = "union"
 
 
@@ -30,6 +32,7 @@ class AppTask(ABC):
 
     sites: int = 3
     rounds: int = 5
+    lm: LMSize = field(default_factory=LMSize)  # the base model every application starts from
     name: ClassVar[str]
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]

@@ -46,7 +46,7 @@ def run_app_demo(options: AppDemoOptions) -> dict[str, Any]:
     task = make_task(options.task, options.size, options.rounds)
     say = _reporter(options.progress)
     started = time.perf_counter()
-    pretrained_base(task.lm)  # type: ignore[attr-defined]  # once, before the sites load it
+    pretrained_base(task.lm)  # once, before the sites load it
     seconds = {"pretraining": time.perf_counter() - started}
     federated, history, model = asyncio.run(_federated(task, options, say))
     seconds["federated"] = time.perf_counter() - started - seconds["pretraining"]

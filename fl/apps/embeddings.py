@@ -47,7 +47,6 @@ class Classifier(nn.Module):
 
 @dataclass
 class EmbeddingsTask(AppTask):
-    lm: LMSize = field(default_factory=LMSize)
     per_class: int = 400
     hidden: int = 128
     epochs: int = 3

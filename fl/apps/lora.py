@@ -6,7 +6,7 @@ client receives them straight into its PEFT model's own adapter tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from fl.apps.common import AppTask, round_seed
 from fl.apps.data import PAD_ID, LabelledSplit, labelled_split
-from fl.apps.lm import TINY, LMSize, load_base
+from fl.apps.lm import TINY, load_base
 from fl.apps.metrics import accuracy_by_site
 
 
@@ -40,7 +40,6 @@ class LMClassifier(nn.Module):
 
 @dataclass
 class LoRATask(AppTask):
-    lm: LMSize = field(default_factory=LMSize)
     rank: int = 8
     per_class: int = 200
     epochs: int = 2

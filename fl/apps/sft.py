@@ -6,7 +6,7 @@ better) on each site's held-out text and on their union.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
 
@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from fl.apps.common import AppTask, round_seed
 from fl.apps.data import split_text, text_sources, text_windows
-from fl.apps.lm import TINY, LMSize, lm_loss, load_base, train_lm
+from fl.apps.lm import TINY, lm_loss, load_base, train_lm
 from fl.apps.metrics import perplexity_by_site
 
 
@@ -28,7 +28,6 @@ class SiteText:
 
 @dataclass
 class SFTTask(AppTask):
-    lm: LMSize = field(default_factory=LMSize)
     train_windows: int = 2048
     held_out_windows: int = 96
     steps: int = 12  # per site per round; the pooled run takes sites x steps
