@@ -1,26 +1,71 @@
-"""Daemon configuration: a TOML or YAML file, validated by pydantic, overridable by flags.
+"""Daemon configuration: a TOML or YAML file, validated by pydantic, overridden by `TENSORWIRE_*`
+environment variables and then by flags.
 
-A bad file is refused with one line per problem naming the field, e.g.
-`server.toml: fedavg.rounds: Input should be greater than or equal to 1 (got 0)`.
+A bad file is refused with one line per problem naming where the value came from, the field and
+the fix, e.g.
+`server.toml: fedavg.rounds: Input should be greater than or equal to 1 (got 0); fix: ...`.
+
+    TENSORWIRE_FEDAVG__ROUNDS=5     fedavg.rounds (nested fields: `__`)
+    TENSORWIRE_TOKEN=...            a client's token, kept out of the file
+
+`load_config` checks what the file says (types, URL syntax, `min_clients <= num_clients`, a token
+only over TLS); `load_daemon_config` also checks what it names on this machine (pki_dir with the
+site's certificate, the script, the initial model, directories that must be creatable), which a
+daemon does before it starts anything: a configuration error is never retried.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _Config = TypeVar("_Config", bound=BaseModel)
 
 
+class ConfigProblem(NamedTuple):
+    """One thing wrong with a configuration: where the value came from (the file, an environment
+    variable, "flags"), the field (dotted), what is wrong and how to fix it."""
+
+    source: str
+    field: str
+    problem: str
+    fix: str
+
+    def line(self) -> str:
+        fix = f"; fix: {self.fix}" if self.fix else ""
+        return f"{self.source}: {self.field or '(top)'}: {self.problem}{fix}"
+
+
 class ConfigFileError(ValueError):
     """The configuration file (or a flag) is missing, unreadable or invalid."""
+
+    def __init__(self, message: str, problems: list[ConfigProblem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+    @classmethod
+    def of(cls, problems: list[ConfigProblem]) -> ConfigFileError:
+        return cls("\n".join(problem.line() for problem in problems), problems)
+
+    def one_line(self) -> str:
+        """Every problem on one line (a fatal error is one log line)."""
+        return " | ".join(str(self).splitlines())
 
 
 class _Strict(BaseModel):
@@ -115,6 +160,8 @@ class ServerConfig(_Strict):
     reconnect_grace: float = Field(10.0, gt=0)
     fedavg: FedAvgSettings = Field(default_factory=FedAvgSettings)  # type: ignore[arg-type]
 
+    _urls = field_validator("listen")(lambda urls: [_valid_url(url) for url in urls])
+
     @model_validator(mode="after")
     def _mutual_tls_off_loopback(self) -> ServerConfig:
         exposed = [url for url in self.listen if not _is_loopback(url)]
@@ -142,6 +189,8 @@ class ClientConfig(_Strict):
     max_restarts: int = Field(5, ge=0)
     restart_backoff: float = Field(1.0, ge=0)
 
+    _url = field_validator("server")(lambda url: _valid_url(url))
+
 
 def _is_loopback(url: str) -> bool:
     """memory:// and addresses on this machine only (127.0.0.0/8, ::1, localhost)."""
@@ -159,31 +208,259 @@ def _is_loopback(url: str) -> bool:
 def load_config(
     kind: type[_Config], path: str | Path | None, overrides: Mapping[str, Any] | None = None
 ) -> _Config:
-    """Read `path` (TOML or YAML; None: defaults only), apply non-None `overrides` (dotted keys
-    for nested fields, e.g. "fedavg.rounds"), validate."""
+    """Read `path` (TOML or YAML; None: defaults only), apply `TENSORWIRE_*` environment
+    variables, then non-None `overrides` (dotted keys for nested fields, e.g. "fedavg.rounds"),
+    validate."""
     data = _read(Path(path)) if path is not None else {}
+    sources = _Sources(str(path) if path is not None else "flags")
+    for dotted, value in environment_overrides(kind).items():
+        _set_dotted(data, dotted, value)
+        sources.set(dotted, env_name(dotted))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
+            sources.set(dotted, "flags")
     try:
-        return kind.model_validate(data)
+        config = kind.model_validate(data)
     except ValidationError as error:
+        raise ConfigFileError.of([_problem(item, sources) for item in error.errors()]) from None
+    problems = [p._replace(source=sources.of(p.field)) for p in consistency_problems(config)]
+    if problems:
+        raise ConfigFileError.of(problems)
+    return config
+
+
+def load_daemon_config(
+    kind: type[_Config], path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> _Config:
+    """`load_config`, then what the configuration names on this machine (`path_problems`):
+    what a daemon checks before it starts anything."""
+    config = load_config(kind, path, overrides)
+    problems = path_problems(config)
+    if problems:
         where = str(path) if path is not None else "flags"
-        problems = [
-            f"{where}: {'.'.join(str(p) for p in item['loc']) or '(top)'}: {item['msg']}"
-            + (f" (got {item['input']!r})" if item["type"] != "missing" else "")
-            for item in error.errors()
-        ]
-        raise ConfigFileError("\n".join(problems)) from None
+        raise ConfigFileError.of([p._replace(source=where) for p in problems])
+    return config
+
+
+# --- where a value came from ---------------------------------------------------------------------
+
+ENV_PREFIX = "TENSORWIRE_"
+
+
+def env_name(dotted: str) -> str:
+    """The environment variable that overrides a (dotted) field: fedavg.rounds ->
+    TENSORWIRE_FEDAVG__ROUNDS."""
+    return ENV_PREFIX + dotted.upper().replace(".", "__")
+
+
+def environment_overrides(kind: type[BaseModel]) -> dict[str, Any]:
+    """The fields `TENSORWIRE_*` variables set, as dotted keys (pydantic-settings reads them:
+    nested fields with `__`, lists and tables as JSON)."""
+    if not any(name.startswith(ENV_PREFIX) for name in os.environ):
+        return {}  # the common case: no import of pydantic-settings at all
+    from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+    config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+    settings = type(f"{kind.__name__}Environment", (BaseSettings, kind), {"model_config": config})
+    return dict(_flatten(EnvSettingsSource(settings)()))
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            pairs += _flatten(value, f"{prefix}{key}.")
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
+
+
+class _Sources:
+    """Which dotted fields an environment variable or a flag set; the rest come from `default`."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self._by_field: dict[str, str] = {}
+
+    def set(self, dotted: str, source: str) -> None:
+        self._by_field[dotted] = source
+
+    def of(self, dotted: str) -> str:
+        # "listen.0" was set by the flag that set "listen".
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            source = self._by_field.get(".".join(parts[:end]))
+            if source is not None:
+                return source
+        return self.default
+
+
+# Fixes for pydantic's error types; any other error says what the value must be already.
+_FIXES = {
+    "missing": "add it",
+    "extra_forbidden": "remove it or correct its spelling (fields: fl/config.py, docs/fl.md)",
+    "byte_size": 'write a size such as "1GiB", "256MiB", "1.5GB" or a number of bytes',
+    "byte_size_unit": 'use a unit such as B, KB, MB, GB, KiB, MiB or GiB (e.g. "1GiB")',
+    "literal_error": "use one of the values named",
+    "value_error": "",  # this module's own checks name the fix in their message
+}
+
+
+def _problem(item: Any, sources: _Sources) -> ConfigProblem:
+    field = ".".join(str(part) for part in item["loc"])
+    got = f" (got {item['input']!r})" if item["type"] != "missing" and field else ""
+    fix = _FIXES.get(item["type"], "change the value to what the message asks for")
+    message = str(item["msg"]).removeprefix("Value error, ")
+    return ConfigProblem(sources.of(field), field, message + got, fix)
+
+
+# --- what the file says --------------------------------------------------------------------------
+
+TLS_SCHEMES = ("tcps", "grpcs", "https")
+PLAIN_SCHEMES = ("tcp", "grpc", "http")
+# The schemes the transport has drivers for (transport.drivers.known_schemes(), which this module
+# does not import: it loads in `tensorwire health` too, which must not import torch).
+SCHEMES = (*TLS_SCHEMES, *PLAIN_SCHEMES, "memory")
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a transport URL (`tcp//host:1`, no port, an unknown scheme), or None."""
+    example = "e.g. tcps://fl.example.org:8765"
+    if "://" not in url:
+        return f"{url!r} is not a URL: write scheme://host:port, {example}"
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        return f"unknown scheme {parts.scheme!r} in {url!r}: use one of {', '.join(SCHEMES)}"
+    if parts.scheme == "memory":
+        return None if parts.netloc else f"{url!r} names no endpoint: write memory://NAME"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"bad port in {url!r}: write scheme://host:port, {example}"
+    if not parts.hostname or port is None:
+        return f"{url!r} needs a host and a port: {example}"
+    return None
+
+
+def _valid_url(url: str) -> str:
+    problem = url_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
+    return url
+
+
+def consistency_problems(config: BaseModel) -> list[ConfigProblem]:
+    """What a valid-typed configuration still gets wrong (source filled in by the caller)."""
+    if isinstance(config, ServerConfig):
+        return _server_problems(config)
+    if isinstance(config, ClientConfig):
+        return _client_problems(config)
+    return []
+
+
+def _server_problems(config: ServerConfig) -> list[ConfigProblem]:
+    problems = []
+    tls = [url for url in config.listen if urlsplit(url).scheme in TLS_SCHEMES]
+    if tls and config.pki_dir is None:
+        fix = "set pki_dir to the folder `tensorwire certs init` made, or listen on tcp://"
+        problems.append(ConfigProblem("", "pki_dir", f"{tls[0]} needs a certificate", fix))
+    fedavg = config.fedavg
+    if fedavg.num_clients is not None and fedavg.min_clients > fedavg.num_clients:
+        problems.append(
+            ConfigProblem(
+                "",
+                "fedavg.min_clients",
+                f"{fedavg.min_clients} is more than num_clients = {fedavg.num_clients}: no "
+                "round could ever succeed",
+                "lower min_clients or raise num_clients",
+            )
+        )
+    return problems
+
+
+def _client_problems(config: ClientConfig) -> list[ConfigProblem]:
+    scheme = urlsplit(config.server).scheme
+    if config.token is not None and scheme in PLAIN_SCHEMES:
+        secure = config.server.replace(f"{scheme}://", f"{scheme}s://", 1)
+        fix = f"use {secure} (TLS) or drop the token"
+        return [ConfigProblem("", "token", "a token would travel in clear text", fix)]
+    return []
+
+
+# --- what it names on this machine ---------------------------------------------------------------
+
+
+def path_problems(config: BaseModel) -> list[ConfigProblem]:
+    """Files and folders the configuration names that are missing or unusable here."""
+    if isinstance(config, ServerConfig):
+        problems = _pki_problems(config.pki_dir, "server")
+        problems += _creatable("state_dir", config.state_dir)
+        return problems + _fedavg_path_problems(config.fedavg)
+    if isinstance(config, ClientConfig):
+        problems = _pki_problems(config.pki_dir, config.site)
+        if not Path(config.script).is_file():
+            fix = "give the path of the site's training script"
+            problems.append(ConfigProblem("", "script", f"{config.script} is not a file", fix))
+        return problems
+    return []
+
+
+def _pki_problems(pki_dir: str | None, name: str) -> list[ConfigProblem]:
+    if pki_dir is None:
+        return []
+    folder = Path(pki_dir)
+    fix = f"make them with `tensorwire certs init --out {pki_dir}` (or `certs issue {name}`)"
+    if not folder.is_dir():
+        return [ConfigProblem("", "pki_dir", f"{pki_dir} is not a folder", fix)]
+    missing = [f for f in (f"{name}.pem", f"{name}.key", "ca.pem") if not (folder / f).is_file()]
+    if missing:
+        what = f"{pki_dir} has no {', '.join(missing)}"
+        return [ConfigProblem("", "pki_dir", what, fix)]
+    return []
+
+
+def _fedavg_path_problems(fedavg: FedAvgSettings) -> list[ConfigProblem]:
+    problems = _creatable("fedavg.accumulator_dir", fedavg.accumulator_dir)
+    if fedavg.save_path is not None:
+        parent = str(Path(fedavg.save_path).parent)
+        problems += _creatable("fedavg.save_path", parent)
+    model = fedavg.initial_model
+    if model is not None and not Path(model).is_file():
+        fix = "give an existing safetensors file, or leave it out for the built-in model"
+        problems.append(ConfigProblem("", "fedavg.initial_model", f"{model} is not a file", fix))
+    return problems
+
+
+def _creatable(field: str, folder: str | None) -> list[ConfigProblem]:
+    """A folder that exists and is writable, or could be created by this user (checked, not
+    created: a refused configuration leaves nothing behind)."""
+    if folder is None:
+        return []
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        problem = f"{folder} cannot be created: {existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{folder} cannot be {'written' if existing == path else 'created'}: " + (
+            f"{existing} is not writable by this user"
+        )
+    else:
+        return []
+    fix = "choose a folder this user may write, or create it with the right owner"
+    return [ConfigProblem("", field, problem, fix)]
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as error:
-        raise ConfigFileError(f"cannot read config file {path}: {error.strerror}") from None
+        raise ConfigFileError(
+            f"cannot read config file {path}: {error.strerror}; fix: give the path of a "
+            "readable .toml or .yaml file"
+        ) from None
     if path.suffix not in (".toml", ".yaml", ".yml"):
-        raise ConfigFileError(f"{path}: use a .toml, .yaml or .yml file")
+        raise ConfigFileError(f"{path}: unknown format; fix: use a .toml, .yaml or .yml file")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -192,12 +469,24 @@ def _read(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, ValueError) as error:
-        raise ConfigFileError(f"{path} is not valid {path.suffix[1:].upper()}: {error}") from None
+        syntax = path.suffix[1:].upper()
+        raise ConfigFileError(
+            f"{path} is not valid {syntax}: {_first_line(error)}; fix: correct the {syntax} syntax"
+        ) from None
     except Exception as error:  # yaml.YAMLError without importing yaml for TOML users
-        raise ConfigFileError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigFileError(
+            f"{path} is not valid YAML: {_first_line(error)}; fix: correct the YAML syntax"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigFileError(f"{path}: the top level must be a table/mapping")
+        raise ConfigFileError(
+            f"{path}: the top level is not a table; fix: write `field = value` lines (TOML) or "
+            "`field: value` (YAML)"
+        )
     return data
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
