@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,10 @@ from fl.apps.common import UNION, better
 from fl.apps.data import dirichlet_split, docstrings, labelled_split
 from fl.apps.demo import AppDemoOptions, run_app_demo
 from fl.apps.lm import TINY, lm_config, new_lm, pretrained_base
+from fl.client import ClientSettings
+from fl.fedavg import FedAvg
+from fl.model import FLModel
+from fl.server import FLServer
 from transport import Endpoint, SafetensorsSource, StateDictSink
 
 
@@ -141,3 +148,31 @@ def test_each_federated_example_is_its_centralized_twin_plus_the_client_api(name
     assert len(added) <= 5, added
     assert removed == ["    for _ in range(task.rounds):"]
     assert "        flare.receive(into=tensors)" in added  # in place into the model's tensors
+
+
+def start_example_site(url: str, site: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    script = Path(__file__).parents[2] / "examples" / "embeddings_federated.py"
+    return subprocess.Popen(
+        [sys.executable, str(script), "--site", str(site), "--size", "tiny"],
+        env={**env, **ClientSettings(server_url=url, site=f"site-{site}").environment()},
+        stdout=subprocess.PIPE,
+    )
+
+
+async def test_the_federated_embeddings_example_runs_under_a_server(tmp_path: Path) -> None:
+    task = make_task("embeddings", "tiny", rounds=2)
+    pretrained_base(task.lm)  # the sites load it; they never pre-train at once
+    fedavg = FedAvg(
+        FLModel(params=task.exchanged(task.new_model())), rounds=2, num_clients=3, min_clients=3
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    # Default limits: the example processes stream with the default chunk size.
+    async with FLServer(job="example") as server:
+        (url,) = await server.start(["tcp://127.0.0.1:0"])
+        fedavg.attach(server)
+        sites = [start_example_site(url, site, env) for site in range(3)]
+        await asyncio.wait_for(fedavg.run(), 120)
+        await server.stop_clients("done")
+        outputs = [await asyncio.to_thread(site.communicate, timeout=30) for site in sites]
+    assert [site.returncode for site in sites] == [0, 0, 0]
+    assert all(out.count(b"accuracy") == 2 for out, _ in outputs)
