@@ -4,7 +4,7 @@ An attacker reuses an honest site's transfer id (observed or guessed): while the
 interrupted, before it starts, or from a raw connection that asks the receiver what it holds. Each
 runs beside the honest transfer, which must still complete bit-exactly and be reported from the
 honest identity; the attacker's bytes only ever arrive as the attacker's own transfer. Over the
-memory driver, plain tcp (identity: the node id) and tcps with mutual TLS (the certificate)."""
+every driver: plain (identity: the node id) and with mutual TLS (the certificate)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from transport.wire import FrameType
 from .conftest import MIB, RawReceiver, raw
 
 TID = "round-7/site-1/result"
-TRANSPORTS = ["memory", "tcp", "tcps"]
+TRANSPORTS = ["memory", "tcp", "tcps", "grpc", "grpcs", "http", "https"]
+MUTUAL_TLS = {"tcps", "grpcs", "https"}
 SETTINGS: dict[str, Any] = {"chunk_size": MIB // 4, "stream_window": 2 * MIB}
 
 
@@ -63,7 +64,7 @@ class Site:
         return Endpoint(tls=self.tls(name), **{"node_id": name, **SETTINGS, **settings})
 
     def tls(self, name: str) -> TLSConfig | None:
-        return client_tls(self.pki, name) if self.scheme == "tcps" else None
+        return client_tls(self.pki, name) if self.scheme in MUTUAL_TLS else None
 
     def received(self, node: str) -> list[Any]:
         """What the application received under `TID` from `node`."""
@@ -109,12 +110,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=TRANSPORTS)
 async def site(request: pytest.FixtureRequest, pki: Path) -> AsyncIterator[Site]:
     scheme = request.param
-    listen = {
-        "memory": "memory://identity-" + re.sub(r"[^A-Za-z0-9]+", "-", request.node.name),
-        "tcp": "tcp://127.0.0.1:0",
-        "tcps": "tcps://127.0.0.1:0",
-    }[scheme]
-    tls = server_tls(pki) if scheme == "tcps" else None
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)
+    listen = f"memory://identity-{name}" if scheme == "memory" else f"{scheme}://127.0.0.1:0"
+    tls = server_tls(pki) if scheme in MUTUAL_TLS else None
     async with Endpoint(tls=tls, node_id="server", **SETTINGS) as server:
         url = await server.listen(listen)
         here = Site(scheme, url, pki, server)
@@ -231,7 +229,7 @@ def _manifest_of(endpoint: Endpoint) -> object:
 async def test_a_certificate_cannot_claim_another_node_id(site: Site) -> None:
     """Under mutual TLS, a HELLO that claims another node id than the certificate's is refused
     before any stream, with a clear reason; an honest transfer beside it completes."""
-    if site.scheme != "tcps":
+    if site.scheme not in MUTUAL_TLS:
         pytest.skip("node ids are bound to certificates only under mutual TLS")
     seen, connection = await site.raw("site-1", "site-2", [open_frame(0, {"forged": True})])
     await asyncio.wait_for(seen.closed.wait(), 10)
@@ -254,10 +252,10 @@ async def test_peer_node_is_the_verified_identity(site: Site) -> None:
         await (await client.connect(site.url)).send_state_dict(VICTIM_STATE, transfer_id=TID)
         await until(lambda: len(site.results) == 1, "the transfer")
         (peer,) = [p for p in site.server._peers.values() if p.node_id is not None]
-    expected = "site-1" if site.scheme == "tcps" else "site-2"  # without TLS: the node id
+    expected = "site-1" if site.scheme in MUTUAL_TLS else "site-2"  # without TLS: the node id
     assert site.results[0][0] == expected
     assert same(site.results[0][2], VICTIM_STATE)
     assert peer.node_id == expected
-    if site.scheme == "tcps":
+    if site.scheme in MUTUAL_TLS:
         assert peer.info is not None
         assert peer.info.peer_identity == "site-1"
