@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fl.admin import ADMIN, authorize, command_of, is_admin_connection
 from fl.aggregation import RoundAggregation
 from fl.model import FLModel
 from fl.protocol import (
@@ -35,6 +36,7 @@ from fl.protocol import (
     result_transfer_id,
     task_meta,
 )
+from fl.status import JobProgress, TransferProgress, snapshot
 from transport import (
     DTYPES,
     CallbackSink,
@@ -83,6 +85,10 @@ class ClientRecord:
     # The task whose result the client last delivered (as its heartbeat says): a restarted
     # server that has no such result asks for it again.
     sent_task: str | None = None
+    # For the status page and the admin commands (fl/status.py).
+    joined_at: float = field(default_factory=time.time)
+    transfer: TransferProgress | None = None
+    last_error: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -130,8 +136,16 @@ class FLServer:
         job: str = "job",
         heartbeat_timeout: float = 60.0,
         reconnect_grace: float = 10.0,
+        admins: Sequence[str] = (),
+        admin_tokens: Sequence[str] = (),
     ) -> None:
         self.endpoint = Endpoint(config)
+        # Who may run the admin commands (fl/admin.py), and what `abort` calls (the daemon sets
+        # it: it owns the job); the job's progress that they and the status page show.
+        self.admins, self.admin_tokens = tuple(admins), tuple(admin_tokens)
+        self.on_abort: Callable[[str], None] | None = None
+        self.abort_reason: str | None = None  # set once an admin aborted the job
+        self.progress = JobProgress(job)
         self.job = job
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_grace = reconnect_grace
@@ -163,7 +177,10 @@ class FLServer:
         """Tell the clients to stop (see stop_clients), then close everything: what is still
         being sent or received fails, and a client that was told takes that as the job's end,
         not as an error. Without `stop_clients` (a server going away that will be back) the
-        clients keep dialling and resume with the next server process."""
+        clients keep dialling and resume with the next server process. A job an admin aborted
+        tells the clients the admin's reason."""
+        if self.abort_reason is not None:
+            reason = f"aborted by an admin: {self.abort_reason}"
         if stop_clients:
             told = await self.stop_clients(reason)
             log.info("told %d client(s) to stop (%s): %s", len(told), reason, " ".join(told))
@@ -240,9 +257,13 @@ class FLServer:
 
     async def _admit_clients(self) -> None:
         async for peer in self.endpoint.accepted():
+            if is_admin_connection(peer.node_id, self.admins):
+                continue  # an operator asking (fl/admin.py), not a site
             name = peer.node_id or f"anonymous-{len(self.clients)}"
             self.clients[name] = ClientRecord(name, peer)
-            log.info("client %s joined from %s", name, peer.info)
+            info = peer.info  # names, not a dataclass repr, in the log line
+            identity = f" as {info.peer_identity}" if info.peer_identity else ""
+            log.info("client %s joined from %s://%s%s", name, info.scheme, info.address, identity)
             self._joined.set()
 
     def _seen(self, peer: Peer) -> ClientRecord | None:
@@ -256,8 +277,10 @@ class FLServer:
     async def _serve_request(
         self, peer: Peer, header: Mapping[str, Any], body: bytes
     ) -> tuple[Mapping[str, Any], bytes]:
-        record = self._seen(peer)
         kind = kind_of(header)
+        if kind == ADMIN:
+            return self._serve_admin(peer, header), b""
+        record = self._seen(peer)
         if record is None or kind not in (HELLO, HEARTBEAT, ERROR):
             raise ProtocolViolation(f"unexpected FL request {kind!r} from {peer.node_id!r}")
         if kind == HEARTBEAT:
@@ -270,6 +293,19 @@ class FLServer:
         if self._stop_reason is not None and kind in (HELLO, HEARTBEAT):
             return {"fl": STOP, "reason": self._stop_reason, "job": self.job}, b""
         return {"fl": kind, "job": self.job}, b""
+
+    def _serve_admin(self, peer: Peer, header: Mapping[str, Any]) -> dict[str, Any]:
+        """An admin command (fl/admin.py), from an admin only (AdminRefused otherwise)."""
+        admin = authorize(peer.info, header, self.admins, self.admin_tokens)
+        command = command_of(header)
+        if command == "abort":
+            if self.on_abort is None:
+                raise RuntimeError("this server runs no job that can be aborted")
+            reason = str(header.get("reason") or "aborted by an admin")[:500]
+            log.warning("job %s aborted by %s: %s", self.job, admin, reason)
+            self.abort_reason = reason
+            self.on_abort(reason)
+        return {"fl": ADMIN, "command": command, "ok": True, "status": snapshot(self)}
 
     def _client_restarted(self, client: str) -> None:
         """A client says hello once per process: a task it had already received died with its
@@ -333,7 +369,11 @@ class FLServer:
             raise LookupError(f"no client named {client!r} has joined")
         assert model.params is not None
         transfer_id = f"{task.task_id}/{client}"
-        result = await record.peer.send_state_dict(model.params, meta=meta, transfer_id=transfer_id)
+        progress = record.transfer = TransferProgress("sent", task.task_id)
+        result = await record.peer.send_state_dict(
+            model.params, meta=meta, transfer_id=transfer_id, progress=progress
+        )
+        progress.finished = True
         return result.bytes
 
     async def _route_results(self) -> None:
@@ -458,7 +498,9 @@ class FLServer:
             transfer = await self._await_result(task, client)
             result.info = parse_result(transfer.meta)
             sink = _sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
-            result.value = await transfer.receive_into(sink)
+            progress = self._receiving(client, task.task_id)
+            result.value = await transfer.receive_into(sink, progress=progress)
+            progress.finished = True
             result.bytes_received = transfer.manifest.total_bytes if transfer.manifest else 0
         except asyncio.CancelledError:
             task.sends[client].cancel()
@@ -467,8 +509,16 @@ class FLServer:
             task.sends[client].cancel()
             result.error = f"{type(error).__name__}: {error}"
             log.warning("client %s failed task %s: %s", client, task.task_id, result.error)
+            if client in self.clients:
+                self.clients[client].last_error = result.error
         result.seconds = time.perf_counter() - started
         return result
+
+    def _receiving(self, client: str, task_id: str) -> TransferProgress:
+        progress = TransferProgress("received", task_id)
+        if client in self.clients:
+            self.clients[client].transfer = progress
+        return progress
 
     async def _await_result(self, task: Task, client: str) -> IncomingTransfer:
         """The client's result transfer, or an error once it reported one or was lost."""
