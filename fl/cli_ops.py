@@ -12,62 +12,167 @@ flags are parsed: they set up logging and the ops server around the FL daemons o
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from prometheus_client import Counter, Gauge, Histogram
 
-from fl.config import ClientConfig, ServerConfig
-from fl.fedavg import FedAvg, RoundReport
-from transport import logs, metrics, progress
+# This module is on the path of `tensorwire health`, a probe that must answer in well under a
+# second and a few tens of MB: nothing here imports torch or the transport at module level (the
+# daemons' functions import them when they run).
+if TYPE_CHECKING:
+    from fl.config import ClientConfig, ServerConfig
+    from fl.fedavg import FedAvg, RoundReport
+    from transport import metrics
 
 DEFAULT_METRICS_PORT = 9108
+LOG_FORMATS = ("kv", "json")  # transport.logs.FORMATS
 _T = TypeVar("_T")
 
 MetricsPortOption = Annotated[
     int | None,
     typer.Option(
-        min=0, max=65535, help="serve /metrics, /healthz and /readyz on this port (0: any free)"
+        min=0,
+        max=65535,
+        envvar="TENSORWIRE_METRICS_PORT",
+        help="serve /metrics, /healthz and /readyz on this port (0: any free)",
     ),
 ]
 MetricsHostOption = Annotated[
     str, typer.Option(help="address the metrics server binds (0.0.0.0 in a container)")
 ]
-LogFormatOption = Annotated[str, typer.Option(help=f"log line format: {' or '.join(logs.FORMATS)}")]
+LogFormatOption = Annotated[
+    str,
+    typer.Option(
+        envvar="TENSORWIRE_LOG_FORMAT", help=f"log line format: {' or '.join(LOG_FORMATS)}"
+    ),
+]
 LogLevelOption = Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="a fatal error's traceback, not only its one line")
+]
+
+# --- the daemons' own lines ----------------------------------------------------------------------
+#
+# Everything a daemon says goes through logging, on this logger: with --log-format json it is one
+# JSON object per line on stderr like every other record (the sentence under "msg", its fields
+# beside it), so journald or a log shipper parses the whole output; with kv (a person at a
+# terminal) the sentence alone goes to stdout (errors to stderr), as it reads best there.
+
+DAEMON_LOG = logging.getLogger("tensorwire.daemon")
+
+
+def say(event: str, message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one of the daemon's events: `message` for people, `event` and `fields` for machines."""
+    from transport.logs import EVENT_ATTRIBUTE, FIELDS_ATTRIBUTE
+
+    trace = fields.pop("exc_info", None)  # a traceback, with --debug only
+    extra = {FIELDS_ATTRIBUTE: {"msg": message, **fields}, EVENT_ATTRIBUTE: event}
+    DAEMON_LOG.log(level, message, extra=extra, exc_info=trace)
+
+
+class _ConsoleHandler(logging.Handler):
+    """The daemon's sentences as they are: stdout, and stderr from ERROR up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.ERROR else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _default_console() -> None:
+    # Before (or without) setup_logging, e.g. fl.daemons embedded in a program or a test: the
+    # sentences still reach stdout, not logging's last resort (which drops INFO).
+    if not DAEMON_LOG.handlers:
+        DAEMON_LOG.addHandler(_ConsoleHandler())
+        DAEMON_LOG.propagate = False
+        DAEMON_LOG.setLevel(logging.INFO)
+
+
+_default_console()
+
+
+_tracebacks: list[bool] = [False]
+
+
+def show_tracebacks(on: bool) -> None:
+    """--debug: errors logged with their traceback (a JSON log keeps it in one line's "error")."""
+    _tracebacks[0] = on
+
+
+def tracebacks() -> bool:
+    return _tracebacks[0]
+
+
+def setup_logging(log_format: str = "kv", log_level: str = "INFO") -> None:
+    """Structured logs on stderr; the daemon's own lines as `say` describes."""
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(LOG_FORMATS)}", param_hint="--log-format")
+    from transport import logs
+
+    try:
+        logs.configure_logging("json" if log_format == "json" else "kv", log_level)
+    except ValueError as error:  # an unknown level name
+        raise typer.BadParameter(str(error), param_hint="--log-level") from None
+    DAEMON_LOG.handlers[:] = [] if log_format == "json" else [_ConsoleHandler()]
+    DAEMON_LOG.propagate = log_format == "json"
+    DAEMON_LOG.setLevel(logging.INFO)  # its lines are the job's story: never below --log-level
+
 
 # --- FL metrics ----------------------------------------------------------------------------------
 
-ROUNDS = Counter("tensorwire_fl_rounds", "FL rounds completed.")
-ROUND_SECONDS = Histogram(
-    "tensorwire_fl_round_duration_seconds",
-    "Durations of FL rounds.",
-    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, 7200, 14400, float("inf")),
-)
-ROUND_CLIENTS = Gauge(
-    "tensorwire_fl_round_clients",
-    "Clients of the last round: sampled, succeeded, failed.",
-    ("state",),
-)
-ROUND_BYTES = Counter(
-    "tensorwire_fl_round_bytes", "Model bytes moved by FL rounds.", ("direction",)
-)
+
+class _RoundMetrics:
+    """The FL round metrics, registered on first use (prometheus_client is not needed by
+    `tensorwire health`)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.rounds = Counter("tensorwire_fl_rounds", "FL rounds completed.")
+        self.seconds = Histogram(
+            "tensorwire_fl_round_duration_seconds",
+            "Durations of FL rounds.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, 7200, 14400, float("inf")),
+        )
+        self.clients = Gauge(
+            "tensorwire_fl_round_clients",
+            "Clients of the last round: sampled, succeeded, failed.",
+            ("state",),
+        )
+        self.bytes = Counter(
+            "tensorwire_fl_round_bytes", "Model bytes moved by FL rounds.", ("direction",)
+        )
+
+
+_round_metrics: list[_RoundMetrics] = []
 
 
 def record_round(report: RoundReport) -> None:
     """Count one finished FL round (a FedAvg `on_round` hook)."""
-    ROUNDS.inc()
-    ROUND_SECONDS.observe(report.seconds)
-    ROUND_CLIENTS.labels("sampled").set(len(report.clients))
-    ROUND_CLIENTS.labels("succeeded").set(len(report.succeeded))
-    ROUND_CLIENTS.labels("failed").set(len(report.failed))
-    ROUND_BYTES.labels("sent").inc(report.bytes_sent)
-    ROUND_BYTES.labels("received").inc(report.bytes_received)
+    if not _round_metrics:
+        _round_metrics.append(_RoundMetrics())
+    m = _round_metrics[0]
+    m.rounds.inc()
+    m.seconds.observe(report.seconds)
+    m.clients.labels("sampled").set(len(report.clients))
+    m.clients.labels("succeeded").set(len(report.succeeded))
+    m.clients.labels("failed").set(len(report.failed))
+    m.bytes.labels("sent").inc(report.bytes_sent)
+    m.bytes.labels("received").inc(report.bytes_received)
 
 
 # --- daemons -------------------------------------------------------------------------------------
@@ -81,17 +186,22 @@ def setup_ops(
     ready: Callable[[], bool] | None = None,
 ) -> metrics.OpsServer | None:
     """Structured logs on stderr, and the ops server when a port is given."""
-    if log_format not in logs.FORMATS:
-        raise typer.BadParameter(f"use one of {', '.join(logs.FORMATS)}", param_hint="--log-format")
-    format: logs.LogFormat = "json" if log_format == "json" else "kv"
-    try:
-        logs.configure_logging(format, log_level)
-    except ValueError as error:  # an unknown level name
-        raise typer.BadParameter(str(error), param_hint="--log-level") from None
+    setup_logging(log_format, log_level)
+    return start_ops(metrics_port, metrics_host, ready)
+
+
+def start_ops(
+    metrics_port: int | None,
+    metrics_host: str = "127.0.0.1",
+    ready: Callable[[], bool] | None = None,
+) -> metrics.OpsServer | None:
+    """The ops server (/metrics, /healthz, /readyz) when a port is given."""
     if metrics_port is None:
         return None
+    from transport import metrics
+
     ops = metrics.start_ops_server(metrics_port, metrics_host, ready=ready)
-    print(f"tensorwire: metrics and health on {ops.url}/metrics", flush=True)
+    say("ops_listening", f"tensorwire: metrics and health on {ops.url}/metrics", url=ops.url)
     return ops
 
 
@@ -113,6 +223,7 @@ def run_server_daemon(
     """`tensorwire server`: the FedAvg job with round metrics and, on a terminal, a progress
     bar per round; True if it ran to its end."""
     from fl.daemons import build_fedavg, serve
+    from transport import metrics, progress
 
     controller = build_fedavg(settings.fedavg, settings.state_dir)
     bars = RoundProgress(controller, enabled=progress.progress_wanted(quiet))
@@ -139,6 +250,8 @@ class RoundProgress:
         self.close()
         total = 2 * self.fedavg.model_bytes() * len(clients)
         description = f"round {number + 1}/{self.fedavg.rounds}, {len(clients)} sites"
+        from transport import progress
+
         self._bar.enter_context(
             progress.transfer_progress(
                 total, description, ("sent", "received"), enabled=self.enabled
@@ -158,6 +271,7 @@ def run_client_daemon(
     """`tensorwire client`: the site's script (its transport metrics are this process's only
     with --in-process; a subprocess script has its own) with progress bars on a terminal."""
     from fl.daemons import run_client
+    from transport import progress
 
     return run_client(settings, progress=progress.progress_wanted(quiet))
 

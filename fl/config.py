@@ -22,18 +22,19 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ByteSize,
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 _Config = TypeVar("_Config", bound=BaseModel)
 
@@ -66,6 +67,48 @@ class ConfigFileError(ValueError):
     def one_line(self) -> str:
         """Every problem on one line (a fatal error is one log line)."""
         return " | ".join(str(self).splitlines())
+
+
+TLS_SCHEMES = ("tcps", "grpcs", "https")
+PLAIN_SCHEMES = ("tcp", "grpc", "http")
+# The schemes the transport has drivers for (transport.drivers.known_schemes(), which this module
+# does not import: it loads in `tensorwire health` too, which must not import torch).
+SCHEMES = (*TLS_SCHEMES, *PLAIN_SCHEMES, "memory")
+
+
+URL_FIX = "write scheme://host:port, e.g. tcps://fl.example.org:8765"
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with a transport URL (`tcp//host:1`, no port, an unknown scheme), or None."""
+    if "://" not in url:
+        return f"{url!r} is not a URL"
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        return f"unknown scheme {parts.scheme!r} in {url!r} (known: {', '.join(SCHEMES)})"
+    if parts.scheme == "memory":
+        return None if parts.netloc else f"{url!r} names no endpoint (memory://NAME)"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"bad port in {url!r}"
+    if not parts.hostname or port is None:
+        return f"{url!r} needs a host and a port"
+    return None
+
+
+def _valid_url(url: str) -> str:
+    problem = url_problem(url)
+    if problem is not None:
+        # A custom error carries the fix to _problem (a plain ValueError could not).
+        raise PydanticCustomError(
+            "url", problem.replace("{", "{{").replace("}", "}}"), {"fix": URL_FIX}
+        )
+    return url
+
+
+# A transport URL, checked when the file is read (not when the first connection fails).
+Url = Annotated[str, AfterValidator(_valid_url)]
 
 
 class _Strict(BaseModel):
@@ -144,7 +187,7 @@ class RobustSettings(_Strict):
 class ServerConfig(_Strict):
     """`tensorwire server`."""
 
-    listen: list[str] = Field(default_factory=lambda: ["tcp://127.0.0.1:8765"], min_length=1)
+    listen: list[Url] = Field(default_factory=lambda: ["tcp://127.0.0.1:8765"], min_length=1)
     job: str = Field("job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     # The job's state (round, global model, optimizer state, history): a restarted server
     # continues from it. Relative paths are from the working directory.
@@ -160,8 +203,6 @@ class ServerConfig(_Strict):
     reconnect_grace: float = Field(10.0, gt=0)
     fedavg: FedAvgSettings = Field(default_factory=FedAvgSettings)  # type: ignore[arg-type]
 
-    _urls = field_validator("listen")(lambda urls: [_valid_url(url) for url in urls])
-
     @model_validator(mode="after")
     def _mutual_tls_off_loopback(self) -> ServerConfig:
         exposed = [url for url in self.listen if not _is_loopback(url)]
@@ -176,7 +217,7 @@ class ServerConfig(_Strict):
 class ClientConfig(_Strict):
     """`tensorwire client`."""
 
-    server: str
+    server: Url
     site: str = Field(min_length=1, max_length=128)
     script: str
     args: list[str] = Field(default_factory=list)
@@ -188,8 +229,6 @@ class ClientConfig(_Strict):
     idle_timeout: float = Field(120.0, gt=0)
     max_restarts: int = Field(5, ge=0)
     restart_backoff: float = Field(1.0, ge=0)
-
-    _url = field_validator("server")(lambda url: _valid_url(url))
 
 
 def _is_loopback(url: str) -> bool:
@@ -310,44 +349,14 @@ _FIXES = {
 def _problem(item: Any, sources: _Sources) -> ConfigProblem:
     field = ".".join(str(part) for part in item["loc"])
     got = f" (got {item['input']!r})" if item["type"] != "missing" and field else ""
-    fix = _FIXES.get(item["type"], "change the value to what the message asks for")
+    fix = (item.get("ctx") or {}).get("fix") or _FIXES.get(
+        item["type"], "change the value to what the message asks for"
+    )
     message = str(item["msg"]).removeprefix("Value error, ")
     return ConfigProblem(sources.of(field), field, message + got, fix)
 
 
 # --- what the file says --------------------------------------------------------------------------
-
-TLS_SCHEMES = ("tcps", "grpcs", "https")
-PLAIN_SCHEMES = ("tcp", "grpc", "http")
-# The schemes the transport has drivers for (transport.drivers.known_schemes(), which this module
-# does not import: it loads in `tensorwire health` too, which must not import torch).
-SCHEMES = (*TLS_SCHEMES, *PLAIN_SCHEMES, "memory")
-
-
-def url_problem(url: str) -> str | None:
-    """What is wrong with a transport URL (`tcp//host:1`, no port, an unknown scheme), or None."""
-    example = "e.g. tcps://fl.example.org:8765"
-    if "://" not in url:
-        return f"{url!r} is not a URL: write scheme://host:port, {example}"
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
-        return f"unknown scheme {parts.scheme!r} in {url!r}: use one of {', '.join(SCHEMES)}"
-    if parts.scheme == "memory":
-        return None if parts.netloc else f"{url!r} names no endpoint: write memory://NAME"
-    try:
-        port = parts.port
-    except ValueError:
-        return f"bad port in {url!r}: write scheme://host:port, {example}"
-    if not parts.hostname or port is None:
-        return f"{url!r} needs a host and a port: {example}"
-    return None
-
-
-def _valid_url(url: str) -> str:
-    problem = url_problem(url)
-    if problem is not None:
-        raise ValueError(problem)
-    return url
 
 
 def consistency_problems(config: BaseModel) -> list[ConfigProblem]:

@@ -10,6 +10,7 @@ connects through the Client API, with retry and backoff, and sends heartbeats.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import runpy
@@ -17,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fl.cli_ops import say, tracebacks
 from fl.client import ClientSettings, FLClient, NotAdmitted, bound_to, install_stop_signals
 from fl.config import ClientConfig, FedAvgSettings, ServerConfig
 from fl.controller import Controller
@@ -105,11 +106,17 @@ def build_fedavg(settings: FedAvgSettings, state_dir: str | Path | None = None) 
 
 
 def _log_round(report: RoundReport) -> None:
-    print(
+    moved = report.bytes_sent + report.bytes_received
+    say(
+        "round_end",
         f"round {report.round + 1}: {len(report.succeeded)} ok {sorted(report.failed) or ''} "
-        f"{(report.bytes_sent + report.bytes_received) / 2**20:,.0f} MiB in "
-        f"{report.seconds:.1f} s, metrics {report.metrics}",
-        flush=True,
+        f"{moved / 2**20:,.0f} MiB in {report.seconds:.1f} s, metrics {report.metrics}",
+        round=report.round + 1,
+        succeeded=sorted(report.succeeded),
+        failed=sorted(report.failed),
+        bytes=moved,
+        seconds=round(report.seconds, 3),
+        metrics=report.metrics,
     )
 
 
@@ -128,18 +135,22 @@ async def serve(config: ServerConfig, controller: Controller | None = None) -> b
     if isinstance(controller, FedAvg) and _already_finished(controller, config):
         return True
     urls = await server.start(config.listen)
-    print(f"tensorwire server: job {config.job} listening on {' '.join(urls)}", flush=True)
+    message = f"tensorwire server: job {config.job} listening on {' '.join(urls)}"
+    say("listening", message, job=config.job, urls=urls)
     job = asyncio.ensure_future(controller.run())
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, job.cancel)
+    # SIGHUP (a closed terminal, `systemctl reload`, `kill -HUP`) would otherwise end the
+    # server without a word: the configuration is read once, so it is logged and ignored.
+    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup, "server")
     finished = False
     try:
         await job
         finished = True
         _save_final(controller, config.fedavg.save_path)
     except asyncio.CancelledError:
-        print("tensorwire server: stopping on a signal", flush=True)
+        say("stopping", "tensorwire server: stopping on a signal", job=config.job)
     finally:
         # Told after the job is cancelled, a client whose transfer the closing server cut takes
         # the STOP as the end of the job (fl/client.py), not as a failure.
@@ -153,16 +164,21 @@ def _already_finished(controller: FedAvg, config: ServerConfig) -> bool:
     state = controller.open_state()
     if not state.finished:
         if controller.resumed_from is not None:
-            print(
+            say(
+                "resumed",
                 f"tensorwire server: job {config.job} continues at round "
                 f"{state.round + 1} of {state.rounds} (state in {config.state_dir})",
-                flush=True,
+                job=config.job,
+                round=state.round + 1,
+                rounds=state.rounds,
             )
         return False
-    print(
+    say(
+        "already_finished",
         f"tensorwire server: job {config.job} already finished its {state.rounds} rounds "
         f"(state in {config.state_dir}); nothing to do",
-        flush=True,
+        job=config.job,
+        rounds=state.rounds,
     )
     if config.fedavg.save_path and not Path(config.fedavg.save_path).is_file():
         _save_final(controller, config.fedavg.save_path)
@@ -172,7 +188,16 @@ def _already_finished(controller: FedAvg, config: ServerConfig) -> bool:
 def _save_final(controller: Controller, path: str | None) -> None:
     if path and isinstance(controller, FedAvg):
         controller.save_final(path)
-        print(f"tensorwire server: final model saved to {path}", flush=True)
+        say("final_model_saved", f"tensorwire server: final model saved to {path}", path=path)
+
+
+def _ignore_sighup(role: str, *_: object) -> None:
+    say(
+        "sighup_ignored",
+        f"tensorwire {role}: SIGHUP ignored (the configuration is read at start: restart to "
+        "change it)",
+        logging.WARNING,
+    )
 
 
 # --- client --------------------------------------------------------------------------------------
@@ -209,6 +234,7 @@ def run_client(config: ClientConfig, *, progress: bool = False) -> int:
     if not script.is_file():
         raise FileNotFoundError(f"the training script {script} does not exist")
     settings = client_settings(config, progress=progress)
+    signal.signal(signal.SIGHUP, functools.partial(_ignore_sighup, "client"))
     if config.mode == "in-process":
         return _run_in_process(settings, script, config.args)
     return _supervise(config, script, settings)
@@ -227,11 +253,17 @@ def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> 
     except SystemExit as exit:  # the job's end, a signal, the server lost, or sys.exit()
         return _script_ended(exit.code, script)
     except NotAdmitted as refusal:
-        print(f"tensorwire client: {refusal}", file=sys.stderr, flush=True)
+        say("not_admitted", f"tensorwire client: {refusal}", logging.ERROR, reason=str(refusal))
         return EXIT_NOT_ADMITTED
-    except Exception:
-        traceback.print_exc()
-        print(f"tensorwire client: {script} failed", file=sys.stderr, flush=True)
+    except Exception as error:
+        say(
+            "script_failed",
+            f"tensorwire client: {script} failed: {type(error).__name__}: {error}",
+            logging.ERROR,
+            script=str(script),
+            error=f"{type(error).__name__}: {error}",
+            exc_info=error if tracebacks() else None,
+        )
         return EXIT_FAILURE
     finally:
         sys.argv = saved_argv
@@ -242,9 +274,10 @@ def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> 
 def _script_ended(status: object, script: Path) -> int:
     """The daemon's status for a script that ended with `status` and is not restarted."""
     if status == EXIT_SERVER_LOST:
-        print(f"tensorwire client: {script} lost the server; giving up", flush=True)
+        say("gave_up", f"tensorwire client: {script} lost the server; giving up", logging.WARNING)
     elif status == EXIT_USAGE:
-        print(f"tensorwire client: {script} was started wrongly (status 2); check its args")
+        message = f"tensorwire client: {script} was started wrongly (status 2); check its args"
+        say("script_usage_error", message, logging.WARNING, script=str(script))
     return daemon_status(status)
 
 
@@ -271,10 +304,11 @@ class _Supervisor:
             except subprocess.TimeoutExpired:
                 asked = self._stop_asked_at
                 if asked is not None and time.monotonic() - asked > SCRIPT_STOP_GRACE_S:
-                    print(
+                    say(
+                        "script_killed",
                         f"tensorwire client: the script did not stop within "
                         f"{SCRIPT_STOP_GRACE_S:g} s; killing it",
-                        flush=True,
+                        logging.WARNING,
                     )
                     self.child.kill()
 
@@ -315,15 +349,18 @@ def _supervise(config: ClientConfig, script: Path, settings: ClientSettings) -> 
         if supervisor.stopping():  # told to stop: the script told the server, whatever its status
             return EXIT_OK
         if status == EXIT_NOT_ADMITTED:
-            print(f"tensorwire client: the server refused {config.site}; not restarting")
+            message = f"tensorwire client: the server refused {config.site}; not restarting"
+            say("not_admitted", message, logging.WARNING, site=config.site)
             return EXIT_NOT_ADMITTED
         if status in (EXIT_OK, EXIT_USAGE, EXIT_SERVER_LOST):
             return _script_ended(status, script)
         if restarts >= config.max_restarts:
-            print(f"tensorwire client: {script} failed {restarts + 1} times; giving up")
+            message = f"tensorwire client: {script} failed {restarts + 1} times; giving up"
+            say("gave_up", message, logging.WARNING, failures=restarts + 1)
             return EXIT_FAILURE
         delay = config.restart_backoff * 2**restarts
         restarts += 1
-        print(f"tensorwire client: {script} exited {status}; restart {restarts} in {delay:g} s")
+        message = f"tensorwire client: {script} exited {status}; restart {restarts} in {delay:g} s"
+        say("script_restart", message, logging.WARNING, status=status, restart=restarts)
         supervisor.wait(delay)
     return EXIT_OK

@@ -6,11 +6,15 @@ Run them directly with `python -m fl.daemons_cli COMMAND ...`.
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, NoReturn
 
 import typer
 
 from fl.cli_ops import (
+    DebugOption,
     LogFormatOption,
     LogLevelOption,
     MetricsHostOption,
@@ -18,19 +22,86 @@ from fl.cli_ops import (
     QuietOption,
     run_client_daemon,
     run_server_daemon,
-    setup_ops,
+    say,
+    setup_logging,
+    show_tracebacks,
+    start_ops,
 )
-from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_config
-from transport import progress
+from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_daemon_config
+from fl.exit_codes import EXIT_FAILURE, EXIT_USAGE
 
 fl_app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
-ConfigOption = Annotated[str | None, typer.Option("--config", "-c", help="TOML or YAML file")]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", "-c", envvar="TENSORWIRE_CONFIG", help="TOML or YAML file"),
+]
 
 
 def _fail(error: Exception) -> typer.Exit:
     typer.echo(f"error: {error}", err=True)
     return typer.Exit(2)
+
+
+@contextmanager
+def fatal_errors(role: str, debug: bool) -> Iterator[None]:
+    """A daemon's fatal error as ONE log line (what, where, the fix) and an exit status of
+    fl/exit_codes.py; its traceback only with --debug. A configuration error exits 2, which
+    systemd (RestartPreventExitStatus) and Kubernetes (podFailurePolicy) do not retry."""
+    show_tracebacks(debug)
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:
+        if _is_click_error(error):
+            raise  # a usage error: click prints it with the usage line
+        _fatal(role, error, debug)
+
+
+def _is_click_error(error: Exception) -> bool:
+    import click
+
+    return isinstance(error, click.ClickException)
+
+
+def _fatal(role: str, error: Exception, debug: bool) -> NoReturn:
+    status, fields = _classify(error)
+    problem = fields.pop("problem")
+    say(
+        "fatal",
+        f"tensorwire {role}: error: {problem}",
+        logging.CRITICAL,
+        exit_code=status,
+        exc_info=error if debug else None,
+        **fields,
+    )
+    raise typer.Exit(status)
+
+
+def _classify(error: Exception) -> tuple[int, dict[str, str]]:
+    """(exit status, log fields) of a fatal error."""
+    if isinstance(error, ConfigFileError):
+        fields = {"problem": error.one_line()}
+        if error.problems:
+            first = error.problems[0]
+            fields |= {"file": first.source, "field": first.field, "fix": first.fix}
+        return EXIT_USAGE, fields
+    from transport import ConfigError
+
+    if isinstance(error, ConfigError | FileNotFoundError):
+        fix = "correct the configuration (pki_dir, paths, URLs) and start again"
+        return EXIT_USAGE, {"problem": _described(error), "fix": fix}
+    if isinstance(error, OSError):
+        fix = "free or change the port or path it names; rerun with --debug for the traceback"
+        return EXIT_FAILURE, {"problem": _described(error), "fix": fix}
+    fix = "rerun with --debug for the traceback and report it"
+    return EXIT_FAILURE, {"problem": _described(error), "fix": fix}
+
+
+def _described(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @fl_app.command()
@@ -46,6 +117,7 @@ def server(
     log_format: LogFormatOption = "kv",
     log_level: LogLevelOption = "INFO",
     quiet: QuietOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Listen for clients and run the job's FedAvg controller; SIGTERM stops it gracefully."""
     overrides = {
@@ -55,12 +127,11 @@ def server(
         "fedavg.num_clients": num_clients,
         "fedavg.model_size": model_size,
     }
-    try:
-        settings = load_config(ServerConfig, config, overrides)
-    except ConfigFileError as error:
-        raise _fail(error) from None
-    ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
-    run_server_daemon(settings, ops, quiet=quiet)
+    with fatal_errors("server", debug):
+        setup_logging(log_format, log_level)
+        settings = load_daemon_config(ServerConfig, config, overrides)
+        ops = start_ops(metrics_port, metrics_host)
+        run_server_daemon(settings, ops, quiet=quiet)
 
 
 @fl_app.command()
@@ -76,6 +147,7 @@ def client(
     log_format: LogFormatOption = "kv",
     log_level: LogLevelOption = "INFO",
     quiet: QuietOption = False,
+    debug: DebugOption = False,
 ) -> None:
     """Run this site's training script (restarted on failure) until the server ends the job."""
     overrides = {
@@ -85,12 +157,11 @@ def client(
         "args": args or None,
         "mode": "in-process" if in_process else None,
     }
-    try:
-        settings = load_config(ClientConfig, config, overrides)
-        ops = setup_ops(metrics_port, metrics_host, log_format, log_level)
+    with fatal_errors("client", debug):
+        setup_logging(log_format, log_level)
+        settings = load_daemon_config(ClientConfig, config, overrides)
+        ops = start_ops(metrics_port, metrics_host)
         status = run_client_daemon(settings, ops, quiet=quiet)
-    except (ConfigFileError, FileNotFoundError) as error:
-        raise _fail(error) from None
     raise typer.Exit(status)
 
 
@@ -113,6 +184,7 @@ def run_demo_command(
 ) -> None:
     """What `tensorwire demo` does (fl/cli.py calls this)."""
     from fl.demo import DemoOptions, format_table, run_demo
+    from transport import progress
 
     wanted = progress.progress_wanted(quiet or as_json)
     options = DemoOptions(rounds, model_size, clients, driver, progress=wanted)
