@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
@@ -563,10 +562,12 @@ class _LoopThread:
         try:
             return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result()
         except JobStopped as stopped:
-            print(f"fl.client: {stopped}", file=sys.stderr, flush=True)
+            log.info("fl.client: %s", stopped)
             raise JobStoppedExit(stopped) from None
         except ServerLost as lost:
-            print(f"fl.client: {lost}; giving up", file=sys.stderr, flush=True)
+            # A warning: under a script that set up no logging, logging's last resort still
+            # prints it on stderr.
+            log.warning("fl.client: %s; giving up", lost)
             raise ServerLostExit(lost) from None
 
     def stop(self) -> None:
