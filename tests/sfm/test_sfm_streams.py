@@ -23,8 +23,8 @@ from transport.exceptions import (
     DigestMismatchError,
     FlowControlError,
     IntegrityError,
-    ProtocolError,
     LocalError,
+    ProtocolError,
     StreamStateError,
 )
 from transport.sfm import (
@@ -342,7 +342,8 @@ def test_local_misuse_is_a_clear_local_error() -> None:
     sid = conn.open_stream({})
     assert conn.send_window(sid) == 0  # no credit before the peer's HELLO
     conn.send_data(sid, 0, [b""])
-    with pytest.raises(StreamStateError, match="chunk index 0 on stream 1 after index 0: a stream.s indices must increase"):
+    increase = "chunk index 0 on stream 1 after index 0: a stream.s indices must increase"
+    with pytest.raises(StreamStateError, match=increase):
         conn.send_data(sid, 0, [b""])
     with pytest.raises(LocalError, match="outside"):
         conn.send_data(sid, -1, [b""])
