@@ -12,6 +12,7 @@ flags are parsed: they set up logging and the ops server around the FL daemons o
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import sys
 import urllib.error
@@ -106,6 +107,39 @@ _default_console()
 
 
 _tracebacks: list[bool] = [False]
+_json_logs: list[bool] = [False]
+
+
+def json_logs() -> bool:
+    """Whether the daemon logs JSON: then a training script's own output is relayed as log
+    records too (`script_output`), so that every line of the daemon's output parses."""
+    return _json_logs[0]
+
+
+class ScriptOutput(io.TextIOBase):
+    """A stream whose every line becomes a `script_output` record (an in-process script's
+    stdout under --log-format json)."""
+
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            relay_line(self.script, line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def relay_line(script: str, line: str) -> None:
+    if line.strip():
+        say("script_output", line.rstrip(), script=script)
 
 
 def show_tracebacks(on: bool) -> None:
@@ -127,6 +161,7 @@ def setup_logging(log_format: str = "kv", log_level: str = "INFO") -> None:
         logs.configure_logging("json" if log_format == "json" else "kv", log_level)
     except ValueError as error:  # an unknown level name
         raise typer.BadParameter(str(error), param_hint="--log-level") from None
+    _json_logs[0] = log_format == "json"
     DAEMON_LOG.handlers[:] = [] if log_format == "json" else [_ConsoleHandler()]
     DAEMON_LOG.propagate = log_format == "json"
     DAEMON_LOG.setLevel(logging.INFO)  # its lines are the job's story: never below --log-level
@@ -232,7 +267,7 @@ def run_server_daemon(
     if ops is not None:
         ops.ready = metrics.is_listening
     try:
-        return asyncio.run(watched(serve(settings, controller), ops))
+        return asyncio.run(watched(serve(settings, controller, ops), ops))
     finally:
         bars.close()
 

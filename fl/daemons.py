@@ -10,6 +10,7 @@ connects through the Client API, with retry and backoff, and sends heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fl.cli_ops import say, tracebacks
+from fl.cli_ops import ScriptOutput, json_logs, relay_line, say, tracebacks
 from fl.client import ClientSettings, FLClient, NotAdmitted, bound_to, install_stop_signals
 from fl.config import ClientConfig, FedAvgSettings, ServerConfig
 from fl.controller import Controller
@@ -41,8 +43,9 @@ from fl.fedadam import FedAdam
 from fl.fedavg import FedAvg, RoundReport
 from fl.rss import return_freed_memory
 from fl.server import FLServer
+from fl.status import follow_job
 from fl.task import MLP
-from transport import EndpointConfig, server_tls
+from transport import EndpointConfig, metrics, server_tls
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,15 @@ def server_endpoint_config(config: ServerConfig) -> EndpointConfig:
         node_id=f"server-{config.job}",
         idle_timeout=config.idle_timeout,
         tls=server_tls(Path(config.pki_dir)) if config.pki_dir else None,
-        auth_tokens=frozenset(config.auth_tokens) if config.auth_tokens else None,
-        allowed_identities=frozenset(config.allowed_clients) if config.allowed_clients else None,
+        # Admins connect like sites: their tokens and certificate names are admitted too.
+        auth_tokens=_admitted(config.auth_tokens, config.admin_tokens),
+        allowed_identities=_admitted(config.allowed_clients, config.admins),
     )
+
+
+def _admitted(only: list[str] | None, admins: list[str] | None) -> frozenset[str] | None:
+    """A server that admits only some tokens or names admits its admins' as well."""
+    return frozenset([*only, *(admins or [])]) if only else None
 
 
 def initial_model(settings: FedAvgSettings) -> Path | Callable[[], dict[str, torch.Tensor]]:
@@ -120,7 +129,11 @@ def _log_round(report: RoundReport) -> None:
     )
 
 
-async def serve(config: ServerConfig, controller: Controller | None = None) -> bool:
+async def serve(
+    config: ServerConfig,
+    controller: Controller | None = None,
+    ops: metrics.OpsServer | None = None,
+) -> bool:
     """Run the job to its end (or continue it from its state directory); False when
     SIGTERM/SIGINT stopped it first. A job that already finished is reported, not run again."""
     return_freed_memory()  # the server's RSS follows what it holds (fl/rss.py)
@@ -130,6 +143,8 @@ async def serve(config: ServerConfig, controller: Controller | None = None) -> b
         job=config.job,
         heartbeat_timeout=config.heartbeat_timeout,
         reconnect_grace=config.reconnect_grace,
+        admins=config.admins,
+        admin_tokens=config.admin_tokens or (),
     )
     controller.attach(server)
     if isinstance(controller, FedAvg) and _already_finished(controller, config):
@@ -138,6 +153,7 @@ async def serve(config: ServerConfig, controller: Controller | None = None) -> b
     message = f"tensorwire server: job {config.job} listening on {' '.join(urls)}"
     say("listening", message, job=config.job, urls=urls)
     job = asyncio.ensure_future(controller.run())
+    follow_job(server, controller, job, ops)  # status page and gauges; `tensorwire abort`
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, job.cancel)
@@ -246,9 +262,10 @@ def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> 
     client = FLClient(settings)
     saved_argv = sys.argv
     restore_signals = install_stop_signals()
+    output = ScriptOutput(str(script)) if json_logs() else sys.stdout
     try:
         sys.argv = [str(script), *args]
-        with bound_to(client), client:
+        with bound_to(client), client, contextlib.redirect_stdout(output):
             runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit:  # the job's end, a signal, the server lost, or sys.exit()
         return _script_ended(exit.code, script)
@@ -290,7 +307,14 @@ class _Supervisor:
         self._stop_asked_at: float | None = None  # set by a signal
 
     def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        self.child = subprocess.Popen(command, env=env)
+        if json_logs():  # the script's output becomes log records: the whole log is JSON
+            self.child = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            relay = threading.Thread(target=_relay, args=(self.child, command[1]), daemon=True)
+            relay.start()
+        else:
+            self.child = subprocess.Popen(command, env=env)
         if self.stopping():  # a signal came while it was being started
             self._forward()
         return self.child
@@ -332,6 +356,12 @@ class _Supervisor:
     def _forward(self) -> None:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
+
+
+def _relay(child: subprocess.Popen[bytes], script: str) -> None:
+    assert child.stdout is not None
+    for line in child.stdout:
+        relay_line(script, line.decode(errors="replace"))
 
 
 def _supervise(config: ClientConfig, script: Path, settings: ClientSettings) -> int:
