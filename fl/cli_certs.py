@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-from transport import CertificateFiles, ConfigError, create_pki, issue_certificate
+# The transport (and torch with it) loads when a command runs, not when `tensorwire` starts:
+# `tensorwire health` shares this CLI and must start in a fraction of a second.
+if TYPE_CHECKING:
+    from transport import CertificateFiles
 
 certs_app = typer.Typer(
     name="certs",
@@ -61,6 +64,8 @@ def init(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Create a CA (ca.pem, ca.key), a server certificate and one certificate per client."""
+    from transport import ConfigError, create_pki
+
     try:
         pki = create_pki(
             out,
@@ -96,6 +101,8 @@ def issue(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Issue one more client or server certificate from an existing CA."""
+    from transport import CertificateFiles, ConfigError, issue_certificate
+
     ca = CertificateFiles.named(ca_dir, "ca")
     try:
         files = issue_certificate(
@@ -116,6 +123,8 @@ def _report(role: str, files: CertificateFiles) -> None:
     typer.echo(f"{role}: {files.cert_file} {files.key_file}")
 
 
-def _fail(exc: ConfigError) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
+def _fail(exc: Exception) -> NoReturn:
+    # The library speaks of its keyword argument; the person at the terminal has a flag.
+    message = str(exc).replace("pass overwrite=True", "pass --overwrite")
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
