@@ -27,6 +27,8 @@ import typer
 # second and a few tens of MB: nothing here imports torch or the transport at module level (the
 # daemons' functions import them when they run).
 if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
+
     from fl.config import ClientConfig, ServerConfig
     from fl.fedavg import FedAvg, RoundReport
     from transport import metrics
@@ -236,8 +238,37 @@ def start_ops(
     from transport import metrics
 
     ops = metrics.start_ops_server(metrics_port, metrics_host, ready=ready)
+    answer_head(ops)
     say("ops_listening", f"tensorwire: metrics and health on {ops.url}/metrics", url=ops.url)
     return ops
+
+
+def answer_head(ops: metrics.OpsServer) -> None:
+    """HEAD on /metrics, /healthz and /readyz: the GET's status and headers without its body
+    (load balancers and uptime checkers probe with HEAD; the ops server answered 501).
+
+    transport's OpsServer has no public way to change its handler (fl/status.py swaps it the
+    same way to add the status page, and its HEAD falls through to this one)."""
+    httpd = ops._httpd
+    base: type[BaseHTTPRequestHandler] = httpd.RequestHandlerClass  # type: ignore[assignment]
+
+    class HeadHandler(base):  # type: ignore[valid-type, misc]
+        _heading = False
+
+        def do_HEAD(self) -> None:
+            socket_writer = self.wfile
+            self._heading = True
+            try:
+                self.do_GET()
+            finally:
+                self.wfile = socket_writer
+
+        def end_headers(self) -> None:
+            super().end_headers()
+            if self._heading:
+                self.wfile = io.BytesIO()  # the body GET writes next is dropped
+
+    httpd.RequestHandlerClass = HeadHandler
 
 
 async def watched(job: Coroutine[Any, Any, _T], ops: metrics.OpsServer | None) -> _T:
