@@ -128,7 +128,11 @@ class AdminSettings:
     def endpoint_config(self) -> EndpointConfig:
         tls = client_tls(Path(self.pki_dir), self.name) if self.pki_dir else None
         node_id = self.name if self.pki_dir else ADMIN_NODE_ID
-        return EndpointConfig(node_id=node_id, token=self.token, tls=tls, idle_timeout=self.timeout)
+        # The token also admits the connection where the server asks for one (auth_tokens); the
+        # transport sends it over TLS only, so on plain loopback it goes in the request alone.
+        private = urlsplit(self.server).scheme in PRIVATE_SCHEMES
+        token = self.token if private else None
+        return EndpointConfig(node_id=node_id, token=token, tls=tls, idle_timeout=self.timeout)
 
 
 class AdminError(Exception):

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 import transport
+from fl.admin import register_admin_commands
 from fl.cli_certs import certs_app
 from fl.cli_ops import QuietOption, register_ops_commands
 from fl.daemons_cli import client as fl_client
@@ -27,6 +28,7 @@ app.add_typer(certs_app, name="certs")
 app.command(name="server")(fl_server)
 app.command(name="client")(fl_client)
 register_ops_commands(app)
+register_admin_commands(app)
 
 
 @app.command()

@@ -195,6 +195,11 @@ class ServerConfig(_Strict):
     pki_dir: str | None = None  # serve mutual TLS with the PKI `tensorwire certs` made
     auth_tokens: list[str] | None = None
     allowed_clients: list[str] | None = None  # certificate names (CN) admitted; None: any
+    # Who may run `tensorwire status|clients|abort` (fl/admin.py): certificate names (CN),
+    # admitted beside allowed_clients and never taken for a site, and/or tokens (accepted
+    # over TLS or loopback only).
+    admins: list[str] = Field(default_factory=list)
+    admin_tokens: list[str] | None = None
     # Plain connections are only for loopback: a daemon listening on the network requires
     # pki_dir (mutual TLS) unless this is set on purpose.
     insecure: bool = False

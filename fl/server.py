@@ -373,7 +373,7 @@ class FLServer:
         result = await record.peer.send_state_dict(
             model.params, meta=meta, transfer_id=transfer_id, progress=progress
         )
-        progress.finished = True
+        progress.finish()
         return result.bytes
 
     async def _route_results(self) -> None:
@@ -500,7 +500,7 @@ class FLServer:
             sink = _sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
             progress = self._receiving(client, task.task_id)
             result.value = await transfer.receive_into(sink, progress=progress)
-            progress.finished = True
+            progress.finish()
             result.bytes_received = transfer.manifest.total_bytes if transfer.manifest else 0
         except asyncio.CancelledError:
             task.sends[client].cancel()

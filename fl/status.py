@@ -81,13 +81,20 @@ class TransferProgress:
     done: int = 0
     total: int = 0
     started: float = field(default_factory=time.monotonic)
-    finished: bool = False
+    ended: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
 
+    def finish(self) -> None:
+        self.ended = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.ended is not None
+
     def as_json(self, now: float) -> dict[str, Any]:
-        seconds = max(now - self.started, 1e-6)
+        seconds = max((self.ended or now) - self.started, 1e-6)
         rate = self.done / seconds
         left = max(self.total - self.done, 0)
         eta = 0.0 if self.finished else (left / rate if rate > 0 else None)
