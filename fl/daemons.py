@@ -166,7 +166,8 @@ async def serve(
         finished = True
         _save_final(controller, config.fedavg.save_path)
     except asyncio.CancelledError:
-        say("stopping", "tensorwire server: stopping on a signal", job=config.job)
+        why = "aborted by an admin" if server.abort_reason is not None else "on a signal"
+        say("stopping", f"tensorwire server: stopping ({why})", job=config.job)
     finally:
         # Told after the job is cancelled, a client whose transfer the closing server cut takes
         # the STOP as the end of the job (fl/client.py), not as a failure.
