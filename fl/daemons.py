@@ -150,8 +150,6 @@ async def serve(
     if isinstance(controller, FedAvg) and _already_finished(controller, config):
         return True
     urls = await server.start(config.listen)
-    message = f"tensorwire server: job {config.job} listening on {' '.join(urls)}"
-    say("listening", message, job=config.job, urls=urls)
     job = asyncio.ensure_future(controller.run())
     follow_job(server, controller, job, ops)  # status page and gauges; `tensorwire abort`
     loop = asyncio.get_running_loop()
@@ -160,6 +158,9 @@ async def serve(
     # SIGHUP (a closed terminal, `systemctl reload`, `kill -HUP`) would otherwise end the
     # server without a word: the configuration is read once, so it is logged and ignored.
     loop.add_signal_handler(signal.SIGHUP, _ignore_sighup, "server")
+    # Said once the signals are handled: whoever waits for this line may signal at once.
+    message = f"tensorwire server: job {config.job} listening on {' '.join(urls)}"
+    say("listening", message, job=config.job, urls=urls)
     finished = False
     try:
         await job
