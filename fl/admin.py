@@ -27,21 +27,15 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
 
 from fl.exit_codes import EXIT_FAILURE, EXIT_NOT_ADMITTED, EXIT_USAGE
-from transport import (
-    Endpoint,
-    EndpointConfig,
-    PeerInfo,
-    RemoteError,
-    RemoteRequestError,
-    TensorwireError,
-    client_tls,
-)
+
+if TYPE_CHECKING:  # transport (and torch) load when a command runs, not when the CLI starts
+    from transport import EndpointConfig, PeerInfo, RemoteError
 
 ADMIN = "admin"
 COMMANDS = ("status", "clients", "abort")
@@ -126,6 +120,8 @@ class AdminSettings:
     timeout: float = 10.0
 
     def endpoint_config(self) -> EndpointConfig:
+        from transport import EndpointConfig, client_tls
+
         tls = client_tls(Path(self.pki_dir), self.name) if self.pki_dir else None
         node_id = self.name if self.pki_dir else ADMIN_NODE_ID
         # The token also admits the connection where the server asks for one (auth_tokens); the
@@ -145,6 +141,8 @@ class AdminError(Exception):
 
 async def ask(settings: AdminSettings, command: str, **fields: Any) -> dict[str, Any]:
     """Send one admin command to the server; its answer, or AdminError."""
+    from transport import Endpoint, RemoteError, TensorwireError
+
     header: dict[str, Any] = {"fl": ADMIN, "command": command, **fields}
     if settings.token:
         _check_token_travels_safely(settings.server)
@@ -163,6 +161,8 @@ async def ask(settings: AdminSettings, command: str, **fields: Any) -> dict[str,
 
 
 def _refusal(settings: AdminSettings, error: RemoteError) -> AdminError:
+    from transport import RemoteRequestError
+
     if error.code == "unauthorized":
         return AdminError(
             f"the server at {settings.server} did not admit this connection ({error}); check "
