@@ -13,6 +13,8 @@ from typing import Annotated, NoReturn
 
 import typer
 
+# fl.config (pydantic models) loads when a daemon starts: this module is imported by every
+# `tensorwire` command, `health` among them, which must start in a fraction of a second.
 from fl.cli_ops import (
     DebugOption,
     LogFormatOption,
@@ -27,7 +29,6 @@ from fl.cli_ops import (
     show_tracebacks,
     start_ops,
 )
-from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_daemon_config
 from fl.exit_codes import EXIT_FAILURE, EXIT_USAGE
 
 fl_app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -81,6 +82,8 @@ def _fatal(role: str, error: Exception, debug: bool) -> NoReturn:
 
 def _classify(error: Exception) -> tuple[int, dict[str, str]]:
     """(exit status, log fields) of a fatal error."""
+    from fl.config import ConfigFileError
+
     if isinstance(error, ConfigFileError):
         fields = {"problem": error.one_line()}
         if error.problems:
@@ -127,6 +130,8 @@ def server(
         "fedavg.num_clients": num_clients,
         "fedavg.model_size": model_size,
     }
+    from fl.config import ServerConfig, load_daemon_config
+
     with fatal_errors("server", debug):
         setup_logging(log_format, log_level)
         settings = load_daemon_config(ServerConfig, config, overrides)
@@ -157,6 +162,8 @@ def client(
         "args": args or None,
         "mode": "in-process" if in_process else None,
     }
+    from fl.config import ClientConfig, load_daemon_config
+
     with fatal_errors("client", debug):
         setup_logging(log_format, log_level)
         settings = load_daemon_config(ClientConfig, config, overrides)
