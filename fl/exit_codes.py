@@ -10,7 +10,9 @@
             max_restarts times); an unexpected error
     2       configuration or usage error (bad config file or   argparse's usage error
             flag, missing script, the script exited 2): fix
-            the configuration, a restart will not help
+            the configuration, a restart will not help; found
+            before anything starts and reported as one line
+            naming the file, the field and the fix
     69      -                                                  lost the server (EX_UNAVAILABLE):
                                                                `tensorwire client` does not
                                                                restart the script and exits 1
@@ -19,7 +21,8 @@
             the same way (systemd: RestartPreventExitStatus)
 
 `tensorwire server` exits 0 when its job finished or SIGTERM/SIGINT stopped it (its clients were
-told to stop first), 2 on a configuration error, and 1 when it failed: a server restarted after a
+told to stop first), 2 on a configuration error (one line naming the file, field and fix; the
+traceback only with --debug), and 1 when it failed: a server restarted after a
 failure continues the job from its state directory, so systemd restarts it on failure only.
 """
 
