@@ -73,6 +73,8 @@ def authorize(
             raise AdminRefused("an admin token is accepted over TLS or loopback only")
         return "an admin token"
     who = f"certificate {identity!r}" if identity else "this peer (no admin certificate)"
+    if isinstance(token, str):
+        who += " with a token that is not an admin token"
     raise AdminRefused(
         f"{who} is not an admin of this server: its config's `admins` lists the certificate "
         "names that are, `admin_tokens` the tokens"

@@ -368,11 +368,12 @@ PAGE = """<!doctype html>
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.05em;margin:1.2em 0 .4em}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:.3em .6em;
-text-align:left}th{background:#f0f0f0}.num{text-align:right;font-variant-numeric:tabular-nums}
+text-align:left;white-space:nowrap}th{background:#f0f0f0}.num{text-align:right;font-variant-numeric:tabular-nums}
 .state{font-weight:bold;padding:.1em .5em;border-radius:.3em;background:#ddd}
 .running{background:#cfe8ff}.finished{background:#d4f5d4}.aborted,.failed{background:#f8d0d0}
 .bar{width:9em;height:.8em;background:#eee;display:inline-block;vertical-align:middle}
-.bar i{display:block;height:100%;background:#4a90d9}.err{color:#b00}.muted{color:#888}
+.bar i{display:block;height:100%;background:#4a90d9}.muted{color:#888}
+.err{color:#b00;white-space:normal}
 </style></head><body>
 <h1>tensorwire job <span id="job-name">...</span> <span id="job-state" class="state">...</span></h1>
 <div class="muted">updated <span id="updated">never</span>; listening on
