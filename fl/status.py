@@ -274,10 +274,12 @@ def follow_job(
     state = getattr(controller, "state", None)
     progress.set_rounds(getattr(controller, "rounds", None), getattr(state, "round", 0))
     progress.set_state("waiting")
-    controller.on_round_start = _chain(progress.round_started, controller.on_round_start)
-    controller.on_round = _chain(
-        lambda report: progress.round_ended(report.seconds), controller.on_round
-    )
+    # FedAvg's hooks; a controller without them shows its state but no rounds.
+    if hasattr(controller, "on_round_start") and hasattr(controller, "on_round"):
+        controller.on_round_start = _chain(progress.round_started, controller.on_round_start)
+        controller.on_round = _chain(
+            lambda report: progress.round_ended(report.seconds), controller.on_round
+        )
     loop = asyncio.get_running_loop()
     server.on_abort = lambda reason: loop.call_soon(job.cancel)
     board = StatusBoard(server)
