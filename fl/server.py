@@ -509,8 +509,9 @@ class FLServer:
             task.sends[client].cancel()
             result.error = f"{type(error).__name__}: {error}"
             log.warning("client %s failed task %s: %s", client, task.task_id, result.error)
-            if client in self.clients:
-                self.clients[client].last_error = result.error
+            if client in self.clients:  # what the status page shows: the error, no transfer
+                record = self.clients[client]
+                record.last_error, record.transfer = result.error, None
         result.seconds = time.perf_counter() - started
         return result
 

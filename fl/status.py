@@ -247,17 +247,21 @@ class StatusBoard:
             joined += site["joined"]
             SITE_CONNECTED.labels(name).set(1 if site["joined"] else 0)
             SITE_LAST_SEEN.labels(name).set(site["last_seen_at"])
-            transfer = site["transfer"]
-            if transfer is not None:
-                key = (name, transfer["direction"])
+            self._set_transfer_gauges(name, site["transfer"])
+        CLIENTS_JOINED.set(joined)
+
+    def _set_transfer_gauges(self, site: str, transfer: dict[str, Any] | None) -> None:
+        """A site has one transfer at a time: size 0 for the other direction, and for both once
+        it has none (finished, or failed)."""
+        for direction in ("sent", "received"):
+            key = (site, direction)
+            if transfer is not None and transfer["direction"] == direction:
                 self._gauged.add(key)
                 SITE_TRANSFER_BYTES.labels(*key).set(transfer["bytes"])
                 size = 0 if transfer["finished"] else transfer["total"]
                 SITE_TRANSFER_TOTAL.labels(*key).set(size)
-                other = (name, "received" if key[1] == "sent" else "sent")
-                if other in self._gauged:  # one transfer per site at a time: the other is over
-                    SITE_TRANSFER_TOTAL.labels(*other).set(0)
-        CLIENTS_JOINED.set(joined)
+            elif key in self._gauged:
+                SITE_TRANSFER_TOTAL.labels(*key).set(0)
 
     def json_bytes(self) -> bytes:
         return json.dumps(self.latest).encode()
