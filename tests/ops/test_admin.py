@@ -22,7 +22,7 @@ from fl.exit_codes import EXIT_NOT_ADMITTED, EXIT_OK
 from fl.server import FLServer
 from tests.fl.helpers import client_settings, server_config
 from tests.ops.running_job import CLI, ENV, running_job
-from transport import PeerInfo
+from transport import PeerInfo, server_tls
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,21 @@ async def test_admin_tokens_and_refusals() -> None:
     finally:
         await server.close()
         await site.close_async()
+
+
+async def test_a_site_certificate_is_refused_and_an_admin_certificate_answered(pki: Path) -> None:
+    tls = server_config(tls=server_tls(pki))
+    server = FLServer(tls, job="secure", admins=["admin"])
+    (url,) = await server.start(["tcps://127.0.0.1:0"])
+    try:
+        with pytest.raises(AdminError, match="certificate 'site-1' is not an admin") as refused:
+            await ask(AdminSettings(url, pki_dir=str(pki), name="site-1"), "status")
+        assert refused.value.status == EXIT_NOT_ADMITTED
+        answer = await ask(AdminSettings(url, pki_dir=str(pki), name="admin"), "status")
+        assert answer["status"]["job"]["name"] == "secure"
+        assert "admin" not in server.clients  # asked, never joined as a site
+    finally:
+        await server.close()
 
 
 def test_who_is_an_admin() -> None:
