@@ -135,3 +135,14 @@ def test_tiny_chunks_of_a_huge_total_refused() -> None:
     header = Manifest((TensorSpec("a", "U8", (2**40,)),), chunk_size=1).to_header()
     with pytest.raises(ManifestError, match="at least 1099511627776 chunks"):
         Manifest.from_header(header)
+
+
+def test_the_largest_chunk_is_held_to_the_receivers_own() -> None:
+    # A small dict announced with a large chunk_size plans small chunks: accepted.
+    limits = ManifestLimits(max_chunk_bytes=1 << 20)
+    small = Manifest((TensorSpec("a", "U8", (1000,)),), chunk_size=8 << 20).to_header()
+    assert Manifest.from_header(small, limits).total_bytes == 1000
+    # A large one would make the receiver decompress into 8 MiB buffers: refused at once.
+    large = Manifest((TensorSpec("a", "U8", (64 << 20,)),), chunk_size=8 << 20).to_header()
+    with pytest.raises(ManifestError, match=r"chunks of up to 8388608 bytes.*at most 1048576"):
+        Manifest.from_header(large, limits)

@@ -148,7 +148,7 @@ class EndpointConfig:
         """What a received manifest may announce: chunks no larger than ours (a larger one could
         never arrive in one frame) and at most max_chunks of them."""
         largest = self.frame_limits.max_payload - CHUNK_HEADER_ROOM
-        return ManifestLimits(max_chunk_size=max(largest, 1), max_chunks=self.max_chunks)
+        return ManifestLimits(max_chunk_bytes=max(largest, 1), max_chunks=self.max_chunks)
 
     def compression_policy(self) -> CompressionPolicy:
         """A fresh policy (one per transfer: each measures its own link and data)."""

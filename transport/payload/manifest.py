@@ -112,6 +112,10 @@ class ManifestLimits:
     max_ndim: int = 16
     max_total_bytes: int = 2**50
     max_chunk_size: int = 256 * 2**20
+    # The largest chunk the plan may hold (min(chunk_size, total bytes)), None: max_chunk_size. A
+    # receiver allocates one such buffer to decompress a chunk into, whatever the compressed
+    # frame's size, so it sets this to its own chunk size.
+    max_chunk_bytes: int | None = None
     # Not in the first sketch: a tiny chunk size with a huge total would make the plan itself
     # (one object per chunk) the allocation a hostile peer controls.
     max_chunks: int = 4 * 2**20
@@ -278,6 +282,13 @@ class _ManifestReader:
             shared = " (each alias counted once)" if manifest.aliases else ""
             raise ManifestError(
                 f"total_bytes says {announced!r} but the tensors sum to {total}{shared}"
+            )
+        largest, allowed = min(chunk_size, total), self.limits.max_chunk_bytes
+        if allowed is not None and largest > allowed:
+            raise ManifestError(
+                f"chunk_size {chunk_size} makes chunks of up to {largest} bytes; this receiver "
+                f"takes chunks of at most {allowed} (its own chunk_size): send with a chunk_size "
+                "no larger than the receiver's"
             )
         min_chunks = -(-total // chunk_size)
         if min_chunks > self.limits.max_chunks:
