@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fl.config import ClientConfig, ConfigFileError, ServerConfig, load_config
-from fl.exit_codes import EXIT_USAGE
+from fl.exit_codes import EXIT_FAILURE, EXIT_USAGE
 
 ROOT = Path(__file__).parents[2]
 CLI = str(Path(sys.executable).with_name("tensorwire"))
@@ -219,6 +220,33 @@ def test_debug_adds_the_traceback(
     assert outcome.status == EXIT_USAGE
     (line,) = outcome.stderr.splitlines()  # the traceback inside the one JSON line
     assert "Traceback" in json.loads(line)["error"]
+
+
+def test_the_config_flag_and_metrics_port_come_from_the_environment(
+    tmp_path: Path, cli: Callable[[list[str], dict[str, str]], Outcome]
+) -> None:
+    """The systemd client template sets both per instance (/etc/tensorwire/<site>.env)."""
+    (tmp_path / "site-2.yaml").write_text("server: tcp//x\nsite: site-2\nscript: s.py\n")
+    env = {"TENSORWIRE_CONFIG": "site-2.yaml", "TENSORWIRE_LOG_FORMAT": "json"}
+    outcome = cli(["client"], env)
+    assert outcome.status == EXIT_USAGE
+    assert json.loads(outcome.stderr)["file"] == "site-2.yaml"
+
+
+def test_a_taken_metrics_port_is_one_line_and_exit_1(
+    tmp_path: Path, cli: Callable[[list[str], dict[str, str]], Outcome]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        outcome = cli(["server", "--metrics-port", port, "--log-format", "json"], {})
+    assert outcome.status == EXIT_FAILURE, outcome.stderr
+    (line,) = outcome.stderr.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "fatal"
+    assert "Address already in use" in record["msg"]
+    assert record["fix"]
 
 
 # --- what the file says, in-process --------------------------------------------------------------
