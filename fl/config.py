@@ -347,18 +347,24 @@ _FIXES = {
     "byte_size": 'write a size such as "1GiB", "256MiB", "1.5GB" or a number of bytes',
     "byte_size_unit": 'use a unit such as B, KB, MB, GB, KiB, MiB or GiB (e.g. "1GiB")',
     "literal_error": "use one of the values named",
-    "value_error": "",  # this module's own checks name the fix in their message
 }
+# Values never repeated in an error line: it goes to logs.
+_SECRETS = ("token", "auth_tokens")
 
 
 def _problem(item: Any, sources: _Sources) -> ConfigProblem:
     field = ".".join(str(part) for part in item["loc"])
-    got = f" (got {item['input']!r})" if item["type"] != "missing" and field else ""
-    fix = (item.get("ctx") or {}).get("fix") or _FIXES.get(
-        item["type"], "change the value to what the message asks for"
-    )
     message = str(item["msg"]).removeprefix("Value error, ")
-    return ConfigProblem(sources.of(field), field, message + got, fix)
+    secret = field.startswith(_SECRETS)
+    shown = item["type"] != "missing" and not secret and not isinstance(item["input"], dict)
+    got = f" (got {item['input']!r})" if shown else ""
+    fix = (item.get("ctx") or {}).get("fix") or _FIXES.get(item["type"])
+    if fix is None and item["type"] == "value_error" and ": " in message:
+        # This module's own validators end their message with the fix, after the last colon.
+        message, fix = message.rsplit(": ", 1)
+    return ConfigProblem(
+        sources.of(field), field, message + got, fix or "change it as the message says"
+    )
 
 
 # --- what the file says --------------------------------------------------------------------------
