@@ -264,10 +264,13 @@ def _run_in_process(settings: ClientSettings, script: Path, args: list[str]) -> 
     client = FLClient(settings)
     saved_argv = sys.argv
     restore_signals = install_stop_signals()
-    output = ScriptOutput(str(script)) if json_logs() else sys.stdout
+    relayed = contextlib.ExitStack()
+    if json_logs():  # the script's prints become log records (the log handler keeps its stream)
+        relayed.enter_context(contextlib.redirect_stdout(ScriptOutput(str(script))))
+        relayed.enter_context(contextlib.redirect_stderr(ScriptOutput(str(script))))
     try:
         sys.argv = [str(script), *args]
-        with bound_to(client), client, contextlib.redirect_stdout(output):
+        with bound_to(client), client, relayed:
             runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit:  # the job's end, a signal, the server lost, or sys.exit()
         return _script_ended(exit.code, script)
@@ -307,14 +310,17 @@ class _Supervisor:
     def __init__(self) -> None:
         self.child: subprocess.Popen[bytes] | None = None
         self._stop_asked_at: float | None = None  # set by a signal
+        self._relay: threading.Thread | None = None  # the script's output, as log records
 
     def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         if json_logs():  # the script's output becomes log records: the whole log is JSON
             self.child = subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
-            relay = threading.Thread(target=_relay, args=(self.child, command[1]), daemon=True)
-            relay.start()
+            self._relay = threading.Thread(
+                target=_relay, args=(self.child, command[1]), daemon=True
+            )
+            self._relay.start()
         else:
             self.child = subprocess.Popen(command, env=env)
         if self.stopping():  # a signal came while it was being started
@@ -326,7 +332,7 @@ class _Supervisor:
         assert self.child is not None
         while True:
             try:
-                return self.child.wait(timeout=0.5)
+                status = self.child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 asked = self._stop_asked_at
                 if asked is not None and time.monotonic() - asked > SCRIPT_STOP_GRACE_S:
@@ -337,6 +343,10 @@ class _Supervisor:
                         logging.WARNING,
                     )
                     self.child.kill()
+            else:
+                if self._relay is not None:  # its last lines are still in the pipe
+                    self._relay.join(timeout=5)
+                return status
 
     def wait(self, seconds: float) -> bool:
         """Wait `seconds` (a signal cuts it short); True when a signal asked us to stop."""

@@ -337,7 +337,8 @@ class Daemon:
             self.popen.wait()
 
 
-def test_a_job_logged_as_json_parses_line_by_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["in-process", "subprocess"])
+def test_a_job_logged_as_json_parses_line_by_line(tmp_path: Path, mode: str) -> None:
     (tmp_path / "server.toml").write_text(
         'listen = ["tcp://127.0.0.1:0"]\njob = "json"\n[fedavg]\nrounds = 1\nmin_clients = 1\n'
         'num_clients = 1\nsave_path = "final.safetensors"\n'
@@ -346,8 +347,14 @@ def test_a_job_logged_as_json_parses_line_by_line(tmp_path: Path) -> None:
     client: Daemon | None = None
     try:
         (url,) = server.wait_for("listening")["urls"]  # type: ignore[misc]
+        # The script's own prints, on stdout and stderr, become log records too.
+        (tmp_path / "site.py").write_text(
+            "import runpy, sys\nprint('hello from the script')\n"
+            "print('a warning of the script', file=sys.stderr)\n"
+            f"runpy.run_path({str(ECHO_SITE)!r}, run_name='__main__')\n"
+        )
         (tmp_path / "site.toml").write_text(
-            f'server = "{url}"\nsite = "site-1"\nmode = "in-process"\nscript = "{ECHO_SITE}"\n'
+            f'server = "{url}"\nsite = "site-1"\nmode = "{mode}"\nscript = "site.py"\n'
         )
         client = Daemon(["client", "--config", "site.toml"], tmp_path)
         # SIGHUP is logged and ignored: the job goes on.
@@ -362,7 +369,10 @@ def test_a_job_logged_as_json_parses_line_by_line(tmp_path: Path) -> None:
     records = {name: [json.loads(line) for line in found] for name, found in lines.items()}
     events = {name: {record.get("event") for record in found} for name, found in records.items()}
     assert {"listening", "round_end", "final_model_saved", "sighup_ignored"} <= events["server"]
-    assert {"transfer_start", "transfer_end"} <= events["client"]
+    if mode == "in-process":  # a subprocess script logs nothing of its own
+        assert {"transfer_start", "transfer_end"} <= events["client"]
+    said = {r["msg"] for r in records["client"] if r.get("event") == "script_output"}
+    assert said == {"hello from the script", "a warning of the script"}
     everything = "".join(line for found in lines.values() for line in found)
     assert "PeerInfo(" not in everything  # names in join events, not reprs
     assert "Task was destroyed" not in everything
