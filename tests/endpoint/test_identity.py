@@ -45,7 +45,8 @@ async def test_allowed_certificate_identity_is_served(pki: Path) -> None:
         url = await server.listen("tcps://127.0.0.1:0")
         async with Endpoint(tls=client_tls(pki, "site-1")) as client:
             received = await _send_one(server, client, url)
-        peer = await anext(server.accepted())
+            # Taken while connected: a peer gone before accepted() took it is dropped.
+            peer = await asyncio.wait_for(anext(server.accepted()), 10)
     assert torch.equal(received["w"], STATE["w"])
     assert peer.info is not None
     assert peer.info.peer_identity == "site-1"
