@@ -133,7 +133,9 @@ async def test_a_thousand_connection_attempts(arena: Arena) -> None:
     for _wave in range(10):  # 1000 attempts, 100 at a time (the listen backlog is ~100)
         receivers = await arena.stall([b""] * 100)
         codes += [seen.goaway_code() for seen in receivers]
-    assert set(codes) <= {"busy", "hello_timeout", "reset"}
+    # Under TLS a handshake that overran hello_timeout (a loaded machine) is cut without a word.
+    allowed = {"busy", "hello_timeout", "reset"} | ({None} if "s://" in arena.url else set())
+    assert set(codes) <= allowed
     assert (
         "busy" in codes or "reset" in codes
     )  # beyond max_connections (64 here) a connection is refused at once

@@ -29,7 +29,7 @@ KIB = 1 << 10
 # 64 KiB scratch and the link's objects (measured: ~70 KiB).
 PRE_ACCEPT_BOUND = 96 * KIB
 # The honest transfer running beside the attacks: its chunks in flight (window 4 MiB each way).
-HONEST_SLACK = 16 * MIB
+HONEST_SLACK = 24 * MIB
 # How much the honest transfer's memory differs between two moments (chunks in flight).
 HONEST_JITTER = 8 * MIB
 # The attacker's side of each connection, in the same process (a 64 KiB receive buffer).

@@ -196,3 +196,18 @@ def test_importing_the_library_starts_no_server() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "['MainThread']", done.stdout + done.stderr
+
+
+def test_peer_labels_are_capped_so_a_storm_of_node_ids_cannot_grow_the_registry() -> None:
+    from transport.metrics import MAX_PEER_LABELS, OTHER_PEERS, LinkMetrics
+
+    names = []
+    for index in range(MAX_PEER_LABELS + 3):
+        link = LinkMetrics()
+        link.named(f"storm-{index}")
+        names.append(link.peer)
+    assert names[:MAX_PEER_LABELS] == [f"storm-{i}" for i in range(MAX_PEER_LABELS)]
+    assert names[MAX_PEER_LABELS:] == [OTHER_PEERS] * 3
+    again = LinkMetrics()
+    again.named("storm-0")  # a name already labelled keeps its label
+    assert again.peer == "storm-0"
