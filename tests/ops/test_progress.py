@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,8 @@ def test_stream_demo_draws_a_bar_on_a_terminal() -> None:
     assert "digest verified" in result.stdout
     assert "streaming" in terminal
     assert "100%" in terminal
-    assert "48.0M/48.0M" in terminal  # bytes, binary units
+    assert "48.0/48.0 MiB" in terminal  # one unit system: MiB and MiB/s
+    assert "MiB/s" in terminal
 
 
 def test_stream_demo_quiet_and_off_a_terminal_draw_nothing() -> None:
@@ -151,14 +153,15 @@ def test_daemons_draw_a_bar_per_round_and_per_transfer(tmp_path: Path) -> None:
         assert shown in client_drawn, shown
 
 
-def test_fl_demo_draws_a_bar_per_round_unless_quiet() -> None:
-    command = _tensorwire("demo", "--rounds", "1", "--clients", "1", "--model-size", "8MiB")
+def test_fl_demo_draws_a_bar_per_site_and_transfer_at_60_columns_unless_quiet() -> None:
+    command = _tensorwire("demo", "--rounds", "1", "--clients", "2", "--model-size", "8MiB")
+    narrow = {**ENV, "COLUMNS": "60"}
     # The quiet demo runs at the same time as the one drawing (each listens on its own port).
     quiet, quiet_terminal = popen_on_terminal(
-        [*command, "--quiet"], stdout=subprocess.PIPE, env=ENV
+        [*command, "--quiet"], stdout=subprocess.PIPE, env=narrow
     )
     try:
-        result, terminal = run_on_terminal(command, env=ENV)
+        result, terminal = run_on_terminal(command, env=narrow)
         quiet.communicate(timeout=240)
     finally:
         if quiet.poll() is None:
@@ -166,7 +169,17 @@ def test_fl_demo_draws_a_bar_per_round_unless_quiet() -> None:
             quiet.wait()
         quiet_drawn = quiet_terminal.finish()
     assert result.returncode == 0, terminal
-    assert "round 1/1 results" in terminal
+    for site in ("site-0", "site-1"):  # the model out to each site, its result back
+        assert f"r1/1 {site} model" in terminal
+        assert f"r1/1 {site} result" in terminal
     assert "100%" in terminal
+    bars = [p for p in re.split(r"\r|\n|\x1b\[A", terminal) if "MiB/s" in p]
+    assert bars, terminal
+    assert max(len(bar) for bar in bars) <= 60
+    assert "MB/s" not in terminal
+    table = result.stdout.splitlines()
+    assert max(len(line) for line in table) <= 60, result.stdout
+    assert "MiB/s" in result.stdout
+    assert "e+" not in result.stdout
     assert quiet.returncode == 0, quiet_drawn
-    assert "round 1/1 results" not in quiet_drawn
+    assert "site-0 model" not in quiet_drawn
