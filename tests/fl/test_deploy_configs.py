@@ -261,6 +261,11 @@ class Process:
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
 
+    @property
+    def output(self) -> str:
+        """stdout then stderr: under --log-format json every sentence is a record on stderr."""
+        return self.stdout + self.stderr_path.read_text(errors="replace")
+
     def tail(self, chars: int = 3000) -> str:
         out = self.stdout[-chars:]
         err = self.stderr_path.read_text(errors="replace")[-chars:]
@@ -286,8 +291,15 @@ def tails(processes: list[Process]) -> str:
 def wait_for_urls(server: Process, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in server.stdout.splitlines():
-            if "listening on " in line:
+        for line in server.output.splitlines():
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line still being written
+                if record.get("event") == "listening":
+                    return [str(url) for url in record["urls"]]
+            elif "listening on " in line:
                 return line.split("listening on ", 1)[1].split()
         if server.popen.poll() is not None:
             break
@@ -384,8 +396,8 @@ def test_shipped_configs_run_a_job_to_the_end(machine: Machine, config_set: str)
             f"the finished job's server did not exit within {RESTART_TIMEOUT:.0f} s\n{again.tail()}"
         ) from None
     assert again.popen.returncode == 0, again.tail()
-    assert "already finished" in again.stdout, again.tail()
-    assert "listening on" not in again.stdout, again.tail()
+    assert "already finished" in again.output, again.tail()
+    assert "listening on" not in again.output, again.tail()
     assert save_path.read_bytes() == saved, "the final model changed on a restart"
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 import psutil
@@ -140,4 +141,8 @@ async def test_a_thousand_connection_attempts(arena: Arena) -> None:
         "busy" in codes or "reset" in codes
     )  # beyond max_connections (64 here) a connection is refused at once
     await arena.honest_completes()
+    if arena.url.startswith("https"):
+        # Known: an https connection's TLS objects (~1.3 MiB) sit in a reference cycle of the
+        # http driver until the cyclic collector runs (tcp and tcps are freed at once).
+        gc.collect()
     assert psutil.Process().memory_info().rss - rss_before < 256 * MIB
