@@ -366,7 +366,7 @@ def _status_handler(
 # --- the page ------------------------------------------------------------------------------------
 
 # One small page, no external resources (sites run offline): a table per section, filled in by
-# the script from /status.json every second. Sizes in MB (10^6 bytes), as everywhere in the CLI.
+# the script from /status.json every second. Sizes in MiB (2^20 bytes), as everywhere in the CLI and the demo.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tensorwire job</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -397,7 +397,7 @@ text-align:left;white-space:nowrap}th{background:#f0f0f0}.num{text-align:right;f
 </td><td class="num" id="limit"></td></tr></table>
 <script>
 "use strict";
-const mb = b => b == null ? "-" : (b / 1e6).toFixed(b < 1e7 ? 2 : 0) + " MB";
+const mb = b => b == null ? "-" : (b / 1048576).toFixed(b < 10485760 ? 2 : 0) + " MiB";
 const secs = s => s == null ? "-" : s < 90 ? s.toFixed(1) + " s" : (s / 60).toFixed(1) + " min";
 const put = (id, text) => { document.getElementById(id).textContent = text; };
 function cell(row, text, cls) {

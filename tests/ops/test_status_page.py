@@ -78,7 +78,7 @@ def test_the_page_follows_the_job_in_a_headless_browser(tmp_path: Path) -> None:
         assert first.texts["job-state"].startswith("running"), first.texts
         assert first.sites == ["site-1"]
         assert first.texts["joined"] == "1"
-        assert first.texts["rss"].endswith(" MB")
+        assert first.texts["rss"].endswith(" MiB")
         shown = round_shown(first)
         job.until(lambda s: s["job"]["round"] > shown + 1, "two more rounds")
         second = rendered(chromium, job, tmp_path / "profile")
