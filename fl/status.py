@@ -366,7 +366,8 @@ def _status_handler(
 # --- the page ------------------------------------------------------------------------------------
 
 # One small page, no external resources (sites run offline): a table per section, filled in by
-# the script from /status.json every second. Sizes in MiB (2^20 bytes), as everywhere in the CLI and the demo.
+# the script from /status.json every second. Sizes in MiB (2^20 bytes), as in the CLI and the
+# demo.
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tensorwire job</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
