@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 
 import typer
 
+from fl.config import is_loopback_host
 from fl.exit_codes import EXIT_FAILURE, EXIT_NOT_ADMITTED, EXIT_USAGE
 
 if TYPE_CHECKING:  # transport (and torch) load when a command runs, not when the CLI starts
@@ -88,17 +88,7 @@ def _same(given: str, known: str) -> bool:
 def _private(info: PeerInfo | None) -> bool:
     if info is None:
         return False
-    return info.scheme in PRIVATE_SCHEMES or _loopback(info.address.rsplit(":", 1)[0])
-
-
-def _loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return info.scheme in PRIVATE_SCHEMES or is_loopback_host(info.address.rsplit(":", 1)[0])
 
 
 def command_of(header: Mapping[str, Any]) -> str:
@@ -179,7 +169,7 @@ def _refusal(settings: AdminSettings, error: RemoteError) -> AdminError:
 
 def _check_token_travels_safely(url: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme not in PRIVATE_SCHEMES and not _loopback(parts.hostname or ""):
+    if parts.scheme not in PRIVATE_SCHEMES and not is_loopback_host(parts.hostname or ""):
         raise AdminError(
             f"refusing to send the admin token in clear to {url}: use tcps://, grpcs:// or "
             "https://",

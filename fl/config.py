@@ -240,7 +240,12 @@ def _is_loopback(url: str) -> bool:
     """memory:// and addresses on this machine only (127.0.0.0/8, ::1, localhost)."""
     if url.startswith("memory:"):
         return True
-    host = urlsplit(url).hostname or ""
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
