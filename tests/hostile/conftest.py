@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,3 +225,24 @@ async def arena(request: pytest.FixtureRequest, arena_pki: Path) -> AsyncIterato
 
             yield Arena(server, clock, url, asyncio.ensure_future(honest()), attacker)
         serving.cancel()
+
+
+@dataclass
+class Pki:
+    """A server's and a client's TLS settings, and a raw client's SSL context (trusts the CA)."""
+
+    server: TLSConfig
+    client: TLSConfig
+    raw_context: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory: Path = tmp_path_factory.mktemp("slots-pki")
+    files = create_pki(directory, clients=["site-1"])
+    context = ssl.create_default_context(cafile=str(files["ca"].cert_file))
+    return Pki(
+        server_tls(directory, require_client_cert=False),
+        client_tls(directory, "site-1"),
+        context,
+    )

@@ -8,21 +8,18 @@ import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from transport import Endpoint
-from transport.certs import client_tls, create_pki, server_tls
-from transport.drivers import TLSConfig, driver_for
+from transport.drivers import driver_for
 from transport.endpoint.clock import ManualClock
 from transport.exceptions import TensorwireError
 from transport.wire import Frame, FrameParser, FrameType
 
-from .conftest import RawReceiver, raw
+from .conftest import Pki, RawReceiver, raw
 
 TOKEN = "the right token"
 ATTACKER_HOST = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second source address
@@ -46,25 +43,6 @@ def goaway(frames: list[Frame]) -> tuple[str, str] | None:
         if frame.type is FrameType.GOAWAY:
             return str(frame.header.get("code")), str(frame.header.get("reason"))
     return None
-
-
-@dataclass
-class Pki:
-    server: TLSConfig
-    client: TLSConfig
-    raw_context: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory: Path = tmp_path_factory.mktemp("slots-pki")
-    files = create_pki(directory, clients=["site-1"])
-    context = ssl.create_default_context(cafile=str(files["ca"].cert_file))
-    return Pki(
-        server_tls(directory, require_client_cert=False),
-        client_tls(directory, "site-1"),
-        context,
-    )
 
 
 async def raw_tls_attempt(

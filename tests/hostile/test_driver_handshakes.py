@@ -12,7 +12,6 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,34 +21,16 @@ import uvloop
 
 from tests.drivers.receivers import RecordingReceiver
 from transport import Endpoint, StateDictSink
-from transport.certs import client_tls, create_pki, server_tls
 from transport.drivers import GrpcDriver, GrpcOptions, HttpDriver, TLSConfig
 from transport.drivers.base import DriverConnection, HandshakeGate
 from transport.exceptions import ConnectionClosedError, TensorwireError
+
+from .conftest import Pki
 
 HELLO_TIMEOUT = 0.5  # real seconds: the drivers' own deadlines
 SLOTS = 3
 BOUND = 10.0  # seconds any single wait may take before the test fails
 PARTIAL_REQUEST = b"POST /tensorwire/v1/connect HTTP/1.1\r\nHost: 127.0.0.1\r\nTensorwire-Dri"
-
-
-@dataclass
-class Pki:
-    server: TLSConfig
-    client: TLSConfig
-    raw_context: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory: Path = tmp_path_factory.mktemp("handshake-pki")
-    files = create_pki(directory, clients=["site-1"])
-    context = ssl.create_default_context(cafile=str(files["ca"].cert_file))
-    return Pki(
-        server_tls(directory, require_client_cert=False),
-        client_tls(directory, "site-1"),
-        context,
-    )
 
 
 # --- helpers ------------------------------------------------------------------------------------
