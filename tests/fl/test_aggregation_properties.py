@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from hypothesis import strategies as st
 from fl.aggregation import FileSums, MemorySums, RoundAggregation, TensorLayout
 from fl.model import ParamsType
 from fl.server_optimizers import FedAvgUpdate
+from tests.fl.rounds import add_in_lanes, finish_into
 
 U32 = 2.0**-24
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -132,28 +132,8 @@ def aggregate(case: Case, base, uploads, directory: Path) -> dict[str, torch.Ten
     aggregation = RoundAggregation(base, layouts, sums, FedAvgUpdate())
     random.Random(case.order_seed).shuffle(uploads)
     lanes = [uploads[i :: case.threads] for i in range(case.threads)]
-    errors: list[BaseException] = []
-
-    def run(lane: list) -> None:
-        try:
-            for client, name, tensor in lane:
-                aggregation.add(client.name, name, tensor, client.weight, client.mode)
-        except BaseException as error:  # reported by the main thread
-            errors.append(error)
-
-    workers = [threading.Thread(target=run, args=(lane,)) for lane in lanes]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert not errors, errors
-    out = {name: torch.full_like(tensor, float("nan")) for name, tensor in base.items()}
-
-    def write(name: str, start: int, piece: torch.Tensor) -> None:
-        assert piece.dtype == base[name].dtype
-        out[name].view(-1)[start : start + piece.numel()] = piece
-
-    aggregation.finish_round(write)
+    add_in_lanes(aggregation, lanes)
+    out = finish_into(aggregation, base)
     assert not (directory / "sums.bin").exists()  # finish_round closed the sums
     return out
 

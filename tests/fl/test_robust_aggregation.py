@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from fl.model import SAMPLE_COUNT, FLModel, ParamsType
 from fl.robust import RobustAggregation, RobustOptions
 from fl.server_optimizers import FedAdamUpdate, FedAvgUpdate
 from tests.fl.helpers import Trainer, new_server, run_client
+from tests.fl.rounds import add_in_lanes, finish_into
 
 U32 = 2.0**-24
 RULES = ("mean", "trimmed_mean", "median")
@@ -149,28 +149,8 @@ def aggregate(
     ordered = list(uploads)
     random.Random(case.order_seed).shuffle(ordered)
     lanes = [ordered[i :: case.threads] for i in range(case.threads)]
-    errors: list[BaseException] = []
-
-    def run(lane: list[Upload]) -> None:
-        try:
-            for client, name, tensor in lane:
-                aggregation.add(client.name, name, tensor, client.weight, client.mode)
-        except BaseException as error:  # reported by the main thread
-            errors.append(error)
-
-    workers = [threading.Thread(target=run, args=(lane,)) for lane in lanes]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert not errors, errors
-    out = {name: torch.full_like(tensor, float("nan")) for name, tensor in base.items()}
-
-    def write(name: str, start: int, piece: torch.Tensor) -> None:
-        assert piece.dtype == base[name].dtype
-        out[name].view(-1)[start : start + piece.numel()] = piece
-
-    aggregation.finish_round(write)
+    add_in_lanes(aggregation, lanes)
+    out = finish_into(aggregation, base)
     assert not (directory / "updates.bin").exists()  # finish_round deleted the stored updates
     return out
 
