@@ -171,9 +171,9 @@ def test_fl_demo_draws_a_bar_per_site_and_transfer_at_60_columns_unless_quiet() 
     assert result.returncode == 0, terminal
     for site in ("site-0", "site-1"):  # the model out to each site
         assert f"r1/1 {site} model" in terminal
-    # Results back: an 8 MiB result can start and end between two redraws of a loaded machine,
-    # so only one of them is sure to have been drawn.
-    assert any(f"r1/1 {site} result" in terminal for site in ("site-0", "site-1")), terminal
+    # Results back are not asserted: an 8 MiB result can start and end between two redraws on a
+    # loaded machine (fresh-clone runs drew none); tests/ops/test_demo_output.py checks that the
+    # board starts a result line per site.
     assert "100%" in terminal
     bars = [p for p in re.split(r"\r|\n|\x1b\[A", terminal) if "MiB/s" in p]
     assert bars, terminal
