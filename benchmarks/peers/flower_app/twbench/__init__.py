@@ -1,0 +1,1 @@
+"""The Flower side of benchmarks/peers: imports only flwr, torch and the standard library."""
