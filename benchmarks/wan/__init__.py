@@ -29,6 +29,7 @@ from benchmarks.wan.emulator import NAMESPACE_SYSCTLS, EmulatedWan
 from benchmarks.wan.forwarder import TIMELINE_BIN_S
 from benchmarks.wan.profiles import PROFILES, Profile, profile_named
 from benchmarks.wan.report import link_throughput_series, write_results
+from benchmarks.wan.tcpstate import TcpSampler
 from benchmarks.wan.transfer import run_transfer
 from benchmarks.wan.validate import validate_link
 
@@ -95,12 +96,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"wan: not reporting: {'; '.join(checked['validation_problems'])}", file=sys.stderr
             )
             return base | profile.describe() | checked
-        transfer = run_transfer(wan, _settings(args), tcp_options)
+        with TcpSampler(wan.netns_a, wan.address_b) as sampler:
+            transfer = run_transfer(wan, _settings(args), tcp_options)
     result = base | _summary(profile, checked, transfer, tcp_options, wan.forwarder_report or {})
+    tcp_state = sampler.report(transfer["started_monotonic"])
+    result |= {key: value for key, value in tcp_state.items() if not key.startswith("sender_")}
     if not args.no_files:
-        result["files"] = write_results(
-            result, _timelines(transfer, wan.forwarder_report or {}), args.results_dir
-        )
+        timelines = _timelines(transfer, wan.forwarder_report or {})
+        timelines |= {key: value for key, value in tcp_state.items() if key.startswith("sender_")}
+        result["files"] = write_results(result, timelines, args.results_dir)
     return result
 
 

@@ -96,6 +96,8 @@ def _plot(
             axes.plot([p[0] for p in points], [p[1] for p in points], label=name)
         if kind == "throughput" and result.get("link_mb_s"):
             axes.axhline(result["link_mb_s"], linestyle="--", color="grey", label="link rate")
+        if kind == "throughput":
+            _shade_probe_rtt(axes, result.get("bbr_probe_rtt", []))
         axes.set(xlabel="seconds since the transfer started", ylabel=label, title=title)
         axes.legend()
         path = directory / f"{stem}-{kind}.png"
@@ -103,6 +105,13 @@ def _plot(
         plt.close(figure)
         paths[kind] = str(path)
     return paths
+
+
+def _shade_probe_rtt(axes: Any, spans: list[tuple[float, float]]) -> None:
+    """Shade the times the sender's bbr held cwnd at 4 packets (PROBE_RTT, see tcpstate.py)."""
+    for index, (start, end) in enumerate(spans):
+        label = "sender in bbr PROBE_RTT (cwnd 4)" if index == 0 else None
+        axes.axvspan(start, end, color="tab:orange", alpha=0.3, linewidth=0, label=label)
 
 
 def _rss_series(timelines: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
