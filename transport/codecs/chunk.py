@@ -7,12 +7,15 @@ header, the payload and a preallocated buffer; it gets the exact original blob i
 
 Copies, sender side: a grouped segment is gathered plane by plane into one reused plane buffer
 (numpy strided copy) and compressed from there; a plane that does not shrink below 97% of its size
-is sent raw, copied out of the reused buffer so the returned parts stay valid after the next call.
-An ungrouped segment that does not compress passes through as a view of the caller's part.
+is sent raw: the payload takes the plane buffer itself, and the next plane gets a fresh one, so the
+returned parts stay valid after the next call without a second copy. An ungrouped segment that does
+not compress passes through as a view of the caller's part.
 Receiver side: each zstd frame is decompressed once, then scattered (grouped) or copied into `out`;
-raw planes are scattered straight from the payload.
+raw planes are scattered or copied straight from the payload.
 
-zstd runs with the GIL released, so one compressor per thread gives parallel compression.
+Threads: zstd, xxh3 and numpy's copies of uint8 arrays all run with the GIL released, and every
+bulk copy here is a numpy copy (never `bytes(view)` or `view[:] = other`, which hold the GIL for
+the whole memcpy), so one compressor or decompressor per thread scales with the cores.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DEFAULT_LEVEL: Final = 1
 RAW_RATIO: Final = 0.97
 # Below this a zstd frame (>= 9 bytes of overhead) and a call cost more than they can save.
 MIN_COMPRESS_BYTES: Final = 64
+_NO_BUFFER: Final[npt.NDArray[np.uint8]] = np.empty(0, dtype=np.uint8)
 
 
 def _byte_view(buffer: Buffer) -> memoryview:
@@ -68,7 +72,7 @@ class ChunkCompressor:
             raise ConfigError(f"zstd level must be an int in [1, {top}], got {level!r}")
         self.level = level
         self._zstd = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        self._plane: npt.NDArray[np.uint8] = np.empty(0, dtype=np.uint8)
+        self._plane = _NO_BUFFER
 
     def compress(
         self, segments: Sequence[Segment], parts: Sequence[Buffer]
@@ -102,27 +106,34 @@ class ChunkCompressor:
             )
         count = segment.nbytes // planes
         if planes == 1 or count == 0:
-            return [segment.nbytes, 1, [self._store(view, payload, owned=False)]]
+            return [segment.nbytes, 1, [self._store(view, payload)]]
         elements = np.frombuffer(view, dtype=np.uint8, count=count * planes).reshape(count, planes)
-        plane = self._plane_buffer(count)
         stored = []
         for index in range(planes):
+            plane = self._plane_buffer(count)
             np.copyto(plane, elements[:, index])
-            stored.append(self._store(plane.data, payload, owned=True))
+            stored.append(self._store_plane(plane, payload))
         if segment.nbytes % planes:
             payload.append(view[count * planes :])
         return [segment.nbytes, planes, stored]
 
-    def _store(self, data: memoryview, payload: list[Buffer], *, owned: bool) -> int:
+    def _store(self, data: memoryview, payload: list[Buffer]) -> int:
         """Append data's zstd frame (return its length) or data itself raw (return 0)."""
         if len(data) >= MIN_COMPRESS_BYTES:
             frame = self._zstd.compress(data)
             if len(frame) < RAW_RATIO * len(data):
                 payload.append(frame)
                 return len(frame)
-        # The plane buffer is reused by the next plane, so a raw plane taken from it is copied.
-        payload.append(bytes(data) if owned else data)
+        payload.append(data)
         return 0
+
+    def _store_plane(self, plane: npt.NDArray[np.uint8], payload: list[Buffer]) -> int:
+        stored = self._store(plane.data, payload)
+        if stored == 0:
+            # The payload now holds the plane buffer: give it away rather than copy the plane out
+            # (bytes() would hold the GIL for the memcpy); the next plane gets a fresh buffer.
+            self._plane = _NO_BUFFER
+        return stored
 
     def _plane_buffer(self, size: int) -> npt.NDArray[np.uint8]:
         if len(self._plane) < size:
@@ -227,9 +238,9 @@ class ChunkDecompressor:
         target: memoryview,
     ) -> int:
         if stored == 0:
-            target[:] = source[read : read + len(target)]
+            _copy(target, source[read : read + len(target)])
             return read + len(target)
-        target[:] = self._inflate(position, index, source[read : read + stored], len(target))
+        _copy(target, self._inflate(position, index, source[read : read + stored], len(target)))
         return read + stored
 
     def _inflate(self, position: int, index: int, frame: memoryview, expected: int) -> bytes:
@@ -255,3 +266,8 @@ class ChunkDecompressor:
         if len(data) != expected:
             raise ChunkError(f"{where}: zstd frame gave {len(data)} bytes, expected {expected}")
         return data
+
+
+def _copy(target: memoryview, data: Buffer) -> None:
+    """target[:] = data as a numpy copy: it releases the GIL, a memoryview assignment does not."""
+    np.copyto(np.frombuffer(target, dtype=np.uint8), np.frombuffer(data, dtype=np.uint8))
