@@ -11,8 +11,13 @@ the asyncio transport: `size\\r\\n`, every part by reference, `\\r\\n`. aiohttp'
 writer would join size line, part and CRLF into one new bytes object for every write on Python
 < 3.12.9 (and asyncio's writelines() joins too), a full copy of each 8 MiB part. The writer's
 `chunked` flag is turned off once its headers are out so aiohttp adds no framing of its own.
-Back-pressure: `send()` awaits the writer's `drain()`, which waits while the transport's write
-buffer is above its high-water mark.
+On plain http the chunk goes out through a `SocketWriter` (transport/drivers/socket_writer.py:
+`sendmsg` from the parts' memory on a duplicate of the socket's descriptor, returning once the
+kernel holds every byte), because CPython 3.11's transport copies what the kernel did not take at
+once. It is used only while the transport's own buffer is empty (the headers, our last chunk and
+anything aiohttp writes go through the transport), so the byte order on the socket holds. Under
+TLS the parts go to the transport and `send()` awaits the writer's `drain()`, which waits while
+the transport's write buffer is above its high-water mark.
 
 Receiving: one reader task per connection takes what aiohttp's parser decoded (`readany()`, no
 joining) and copies it into the receiver's `get_buffer()` memory. While reading is paused the
@@ -46,6 +51,7 @@ from transport.drivers.base import (
     describe_error,
     map_exceptions,
 )
+from transport.drivers.socket_writer import plain_socket_writer
 from transport.exceptions import ConnectionClosedError, TransportError
 
 __all__ = ["LAST_CHUNK", "HttpConnection", "plain_body_writer"]
@@ -98,6 +104,7 @@ class HttpConnection(DriverConnection):
         self.peer = peer
         self._writer = writer
         self._transport = transport
+        self._socket_writer = plain_socket_writer(transport)
         self._content = content
         self._linger = linger
         self._on_body_end = on_body_end
@@ -128,14 +135,20 @@ class HttpConnection(DriverConnection):
         self._raise_if_closed()
         views = [_byte_view(part) for part in parts]
         size = sum(view.nbytes for view in views)
-        if size:  # a zero-size chunk would end the body
+        if not size:  # a zero-size chunk would end the body
+            return
+        chunk: list[Buffer] = [b"%x\r\n" % size, *views, _CHUNK_END]
+        writer = self._socket_writer
+        if writer is not None and not self._transport.get_write_buffer_size():
             with map_exceptions(_SEND_ERRORS, f"cannot send to {self._describe_peer()}"):
-                write = self._transport.write
-                write(b"%x\r\n" % size)
-                for view in views:
-                    if view.nbytes:
-                        write(view)
-                write(_CHUNK_END)
+                await writer.write(chunk)
+            self._raise_if_closed()
+            return
+        with map_exceptions(_SEND_ERRORS, f"cannot send to {self._describe_peer()}"):
+            write = self._transport.write
+            for part in chunk:
+                if len(part):
+                    write(part)
         with map_exceptions(_SEND_ERRORS, f"cannot send to {self._describe_peer()}"):
             await self._writer.drain()
         self._raise_if_closed()
@@ -175,6 +188,7 @@ class HttpConnection(DriverConnection):
             raise
         except _ReceiverFailed as failure:
             logger.error("receiver of %r failed; aborting the connection", self, exc_info=failure)
+            self._close_socket_writer()
             self._transport.abort()
             self._finish(ConnectionClosedError(f"receiver of {self!r} failed: {failure}"))
         except Exception as exc:  # whatever aiohttp raises for a lost or garbled body
@@ -223,6 +237,7 @@ class HttpConnection(DriverConnection):
             self._finish(None)
             return
         self._closing = True
+        self._close_socket_writer()
         self._transport.abort()
         error = ConnectionClosedError(
             f"{self.peer.scheme} connection to {self.peer.address} lost: {describe_error(exc)}"
@@ -252,6 +267,7 @@ class HttpConnection(DriverConnection):
     def abort(self) -> None:
         """Drop the connection now; unsent bytes are lost."""
         self._closing = True
+        self._close_socket_writer()
         self._transport.abort()
         if self._reader is not None and not self.lost.done():
             self._reader.cancel()
@@ -263,10 +279,16 @@ class HttpConnection(DriverConnection):
             return
         self._closing = True
         self._undelivered = None
+        self._close_socket_writer()
         self.lost.set_result(None)
         self._releasing = asyncio.get_running_loop().create_task(self._release())
         if self._receiver is not None:
             asyncio.get_running_loop().call_soon(self._receiver.connection_lost, error)
+
+    def _close_socket_writer(self) -> None:
+        """Release the writer's descriptor: the socket closes only once both descriptors are."""
+        if self._socket_writer is not None:
+            self._socket_writer.close()
 
     @property
     def closed(self) -> bool:

@@ -4,11 +4,15 @@ Receiving uses `asyncio.BufferedProtocol`: `get_buffer`/`buffer_updated` go stra
 endpoint's `ByteReceiver`, so the kernel copies received bytes directly into the receiver's memory
 (no StreamReader and its intermediate bytearray).
 
-Sending hands each part to `transport.write()` separately instead of `writelines()`: on CPython
-3.11's selector loop `writelines()` joins the parts into one new bytes object (a full copy), while
-`write()` first tries `send()` on the part itself and only buffers (copies) what the kernel did not
-take. uvloop keeps references to the parts in both cases. Back-pressure is the FlowControlMixin
-idea: `pause_writing()` clears an event, `resume_writing()` sets it, `send()` waits on it.
+Sending on plain tcp does not go through the loop's transport: CPython 3.11's selector transport
+copies whatever the kernel did not take at once into a bytearray (most of each 8 MiB chunk on a
+busy machine), and `writelines()` joins the parts into one new bytes object. `SocketWriter`
+instead writes the parts straight from their memory with `sendmsg` on a duplicate of the
+connection's socket descriptor, waiting for writability in between; `send()` returns once the
+kernel holds every byte, so nothing is buffered in user space, whatever the loop. TLS goes through
+the transport (encryption makes new buffers anyway): each part goes to `transport.write()`
+separately, and back-pressure is the FlowControlMixin idea: `pause_writing()` clears an event,
+`resume_writing()` sets it, `send()` waits on it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from transport.drivers.base import (
     parse_host_port_url,
     socket_peer_info,
 )
+from transport.drivers.socket_writer import SocketWriter, plain_socket_writer
 from transport.exceptions import (
     ConfigError,
     ConnectError,
@@ -177,6 +182,7 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         self._stash_buffer: memoryview | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
+        self.writer: SocketWriter | None = None  # plain tcp: sends bypass the transport
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         # A listener builds the protocol when the kernel hands it the socket, before the TLS
@@ -206,6 +212,7 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         except OSError as exc:
             logger.warning("cannot set socket options on %s: %s", transport, exc)
         transport.set_write_buffer_limits(self._options.write_high_water, self._options.low_water)
+        self.writer = plain_socket_writer(transport)
         self.connection = TcpConnection(transport, self, socket_peer_info(self._scheme, transport))
         try:
             self._receiver = self._receiver_for(self.connection)
@@ -271,8 +278,14 @@ class _TcpProtocol(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.can_write.set()
 
+    def close_writer(self) -> None:
+        """Release the writer's descriptor (before the transport closes: see SocketWriter)."""
+        if self.writer is not None:
+            self.writer.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_handshake()
+        self.close_writer()
         self.can_write.set()  # wake senders; they see the connection closed
         self._stashed.clear()  # nothing is delivered after connection_lost
         self.reading_paused = False
@@ -312,7 +325,12 @@ class TcpConnection(DriverConnection):
     async def send(self, parts: Sequence[Buffer]) -> None:
         """Write the parts in order, then wait while the write buffer is above high water."""
         self._raise_if_closed()
+        writer = self._protocol.writer
         with map_exceptions(_SEND_ERRORS, f"cannot send to {self._describe_peer()}"):
+            if writer is not None:
+                await writer.write(parts)
+                self._raise_if_closed()
+                return
             write = self._transport.write
             for part in parts:
                 write(part)
@@ -331,6 +349,7 @@ class TcpConnection(DriverConnection):
     async def close(self) -> None:
         """Flush buffered bytes, close, and wait until the connection is gone."""
         if not self._transport.is_closing():
+            self._protocol.close_writer()
             self._transport.close()
         try:
             await asyncio.shield(self._protocol.lost)
@@ -340,6 +359,7 @@ class TcpConnection(DriverConnection):
 
     def abort(self) -> None:
         """Close now; buffered bytes are dropped."""
+        self._protocol.close_writer()
         self._transport.abort()
 
     @property
