@@ -14,7 +14,7 @@ import multiprocessing
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from benchmarks.probes import MIB, run_children, run_in_uvloop
 from transport import TLSConfig, client_tls, server_tls
@@ -82,10 +82,22 @@ def _raw_sender_child(queue: Any, size: int, tls_dir: str | None, port_queue: An
 
 
 class _RawSink(asyncio.BufferedProtocol):
+    """Counts bytes into a reused buffer; once all arrived it answers one byte, so the sender
+    knows (a sender that closed right after its last write could lose the TLS tail)."""
+
     def __init__(self, size: int, done: asyncio.Future[float]) -> None:
         self._buffer = bytearray(MIB)
         self._left = size
         self._done = done
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            why = f": {exc}" if exc else ""
+            self._done.set_exception(ConnectionError(f"closed {self._left} bytes early{why}"))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self._buffer)
@@ -94,6 +106,7 @@ class _RawSink(asyncio.BufferedProtocol):
         self._left -= nbytes
         if self._left <= 0 and not self._done.done():
             self._done.set_result(time.time())
+            cast(asyncio.Transport, self._transport).write(b"k")
 
 
 def _server_context(tls_dir: str | None) -> ssl.SSLContext | None:
@@ -115,7 +128,7 @@ async def _raw_send(size: int, tls_dir: str | None, port: int) -> dict[str, Any]
     client = _client(tls_dir)
     context = client.client_context() if client else None
     hostname = "localhost" if context else None
-    _reader, writer = await asyncio.open_connection(
+    reader, writer = await asyncio.open_connection(
         _HOST, port, ssl=context, server_hostname=hostname
     )
     block = memoryview(bytearray(_BLOCK))
@@ -125,5 +138,8 @@ async def _raw_send(size: int, tls_dir: str | None, port: int) -> dict[str, Any]
         writer.write(block[: min(left, block.nbytes)])
         left -= block.nbytes
         await writer.drain()
+    if await reader.readexactly(1) != b"k":
+        raise ConnectionError("the raw receiver did not confirm")
     writer.close()
+    await writer.wait_closed()
     return {"role": "raw sender", "started_at": started_at}

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.outside import collect
 from fl.rss import MIB, RssSampler
 from fl.sizes import format_size
 
@@ -47,15 +48,14 @@ def run_children(
     ]
     for process in processes:
         process.start()
-    results = [queue.get(timeout=timeout) for queue in queues]
-    for process in processes:
-        process.join(timeout=30)
-        if process.is_alive():
-            process.kill()
-    for result in results:
-        if isinstance(result, dict) and "error" in result:
-            raise RuntimeError(f"{result.get('role', 'child')} failed: {result['error']}")
-    return results
+    try:
+        # Fails fast: the first child that reports an error or dies ends the run with its error.
+        return collect(processes, queues, timeout)
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
 
 
 def run_in_uvloop(role: str, queue: Any, body: Callable[[], Any]) -> None:

@@ -39,6 +39,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--window", type=parse_size, default=None, help="per-stream credit window")
     parser.add_argument("--dtype", default="BF16")
+    parser.add_argument(
+        "--source",
+        choices=("synthetic", "dict"),
+        default="synthetic",
+        help="synthetic: generated chunks, never stored (long runs); dict: a real float32 state "
+        "dict in memory, the user's work",
+    )
+    parser.add_argument(
+        "--sink",
+        choices=("digest", "dict", "into"),
+        default=None,
+        help="digest (synthetic only), a new dict, or into existing tensors; default: digest for "
+        "synthetic, dict for dict",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default=None,
+        help="event loop of both sides; default: uvloop for synthetic, asyncio for dict",
+    )
+    parser.add_argument(
+        "--tensor-size", type=parse_size, default=parse_size("256MiB"), help="dict source only"
+    )
     add_data_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -58,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "source", "synthetic") == "dict":
+        return run_dict(args)
+    _check_synthetic(args)
     with tempfile.TemporaryDirectory(prefix="tensorwire-pki-") as pki:
         settings = settings_from(args, pki if args.tls else None)
         memory = args.driver == "memory"
@@ -71,6 +97,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raw = raw_throughput(args.driver, args.size, settings["tls_dir"], args.timeout)
             result["raw_throughput_mb_s"] = raw
             result["ratio"] = round(result["throughput_mb_s"] / raw, 3) if raw else None
+    return result
+
+
+def _check_synthetic(args: argparse.Namespace) -> None:
+    """Refuse what the synthetic mode cannot do before any process starts."""
+    from transport import DTYPES
+
+    if getattr(args, "sink", None) not in (None, "digest"):
+        raise SystemExit("--sink dict/into needs --source dict (a synthetic stream has no dict)")
+    if getattr(args, "loop", None) not in (None, "uvloop"):
+        raise SystemExit("--source synthetic runs under uvloop; --loop asyncio needs --source dict")
+    itemsize = _itemsize(args.dtype, DTYPES)
+    if args.size <= 0 or args.size % itemsize:
+        raise SystemExit(
+            f"--size {args.size} is not a positive whole number of {args.dtype} elements "
+            f"({itemsize} bytes each)"
+        )
+
+
+def _itemsize(dtype: str, dtypes: Any) -> int:
+    if dtype not in dtypes:
+        raise SystemExit(f"--dtype {dtype!r} is not one of {', '.join(sorted(dtypes))}")
+    import torch
+
+    return int(torch.empty(0, dtype=dtypes[dtype]).element_size())
+
+
+# --- the user's work: a real dict ---------------------------------------------------------------
+
+BARE_LIBRARY = {"grpc": "grpc", "http": "aiohttp"}
+
+
+def run_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """tensorwire sending a real dict, and with --baseline the bare socket (and the bare library
+    under grpc and http) doing the same work in the same run; see benchmarks.samework."""
+    from benchmarks import samework
+
+    if args.driver == "memory" or args.cut_every or getattr(args, "streams", 1) != 1:
+        raise SystemExit("--source dict runs over tcp, grpc or http, one stream, no cuts")
+    samework.check_size(args.size, args.tensor_size)
+    with tempfile.TemporaryDirectory(prefix="tensorwire-pki-") as pki:
+        if args.tls:
+            create_pki(Path(pki), clients=("client",))
+        settings = {
+            "driver": args.driver, "size": args.size, "tensor_size": args.tensor_size,
+            "seed": args.seed, "sink": args.sink or "dict", "loop": args.loop or "asyncio",
+            "tls_dir": pki if args.tls else None, "timeout": args.timeout,
+        }  # fmt: skip
+        systems = ["tensorwire"]
+        if args.baseline:
+            systems += [
+                "socket",
+                *([BARE_LIBRARY[args.driver]] if args.driver in BARE_LIBRARY else []),
+            ]
+        runs = {system: samework.measure(system, settings) for system in systems}
+    return _dict_summary(settings, runs)
+
+
+def _dict_summary(settings: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ours = runs["tensorwire"]
+    result: dict[str, Any] = {
+        "benchmark": "stream",
+        "source": "dict",
+        "sink": settings["sink"],
+        "loop": settings["loop"],
+        "driver": settings["driver"],
+        "tls": bool(settings["tls_dir"]),
+        "bytes": settings["size"],
+        "tensors": -(-settings["size"] // settings["tensor_size"]),
+        **{key: value for key, value in ours.items() if key != "system"},
+    }
+    for system, figures in runs.items():
+        if system == "tensorwire":
+            continue
+        rate = figures["throughput_mb_s"]
+        result[f"{system}_mb_s"] = rate
+        result[f"{system}_receiver_above_dict_mib"] = figures["receiver_above_dict_mib"]
+        result[f"ratio_to_{system}"] = round(ours["throughput_mb_s"] / rate, 3)
+    if "socket_mb_s" in result:
+        result["ratio"] = result["ratio_to_socket"]
     return result
 
 
