@@ -454,8 +454,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for size in sorted({r["size_bytes"] for r in results}):
         at_size = [r for r in results if r["size_bytes"] == size]
-        bare = [r["mbps"] for r in at_size if r["label"] == "bare" and r.get("ok")]
-        bare_median = statistics.median(bare) if bare else None
+        bare = {r["run"]: r["mbps"] for r in at_size if r["label"] == "bare" and r.get("ok")}
+        bare_median = statistics.median(bare.values()) if bare else None
         for label in dict.fromkeys(r["label"] for r in at_size):
             runs = [r for r in at_size if r["label"] == label]
             good = [r for r in runs if r.get("ok")]
@@ -470,11 +470,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": sorted({r.get("error") or r.get("mismatch") or "" for r in runs} - {""}),
             }
             if mbps and bare_median:
-                row["ratio_to_bare"] = [round(m / bare_median, 3) for m in mbps]
+                # against the bare figure of the same round (run index), measured just before
+                row["ratio_to_bare"] = [
+                    round(r["mbps"] / bare.get(r["run"], bare_median), 3) for r in good
+                ]
             for role in ("sender", "receiver"):
                 peaks = [p for p in (side_peak(r, role) for r in good) if p is not None]
                 row[f"{role}_peak_mib"] = peaks
                 row[f"{role}_above_dict_mib"] = [round(p - dict_mib, 1) for p in peaks]
+                row[f"{role}_base_mib"] = [
+                    r[role]["base_mib"] for r in good if r.get(role, {}).get("base_mib")
+                ]
                 extra = [
                     max(
                         (p["peak_mib"] for p in r.get(role, {}).get("processes", [])[1:]),
@@ -531,7 +537,23 @@ def main() -> None:
     )
     parser.add_argument("--logs", default="", help="keep the ends' logs here (default: a temp dir)")
     parser.add_argument("--out", default="", help="write the JSON result to this file too")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        help="only print the tables of earlier --out files (their results merged)",
+    )
     args = parser.parse_args()
+    if args.summarize:
+        merged = []
+        for index, name in enumerate(args.summarize):
+            for r in json.loads(Path(name).read_text())["results"]:
+                r["run"] = f"{index}:{r['run']}"  # bare rounds pair up within their own file
+                merged.append(r)
+        if args.json:
+            print(json.dumps(summarize(merged), indent=2))
+        print(markdown(summarize(merged)))
+        return
 
     counts = [parse_size(s) for s in args.size.split(",")]
     specs = pick(args.only)
