@@ -57,7 +57,10 @@ class ProcessRss:
             now = time.time()
             for pid, timeline in self._timelines.items():
                 rss = _resident_bytes(pid)
-                if rss is not None:
+                # Only changes (and one sample a second) are kept: a day-long run stays small.
+                if rss is not None and (
+                    not timeline or timeline[-1][1] != rss or now - timeline[-1][0] >= 1.0
+                ):
                     timeline.append((now, rss))
             self._stop.wait(_POLL_SECONDS)
 
@@ -70,7 +73,10 @@ class ProcessRss:
         inside = [rss for at, rss in timeline if start <= at <= marks["finished_at"]]
         baseline = before[-1] if before else (inside[0] if inside else 0)
         peak = max(inside, default=baseline)
-        return {"baseline_rss_mib": baseline / MIB, "peak_rss_mib": max(peak, baseline) / MIB}
+        return {
+            "outside_baseline_rss_mib": baseline / MIB,
+            "outside_peak_rss_mib": max(peak, baseline) / MIB,
+        }
 
     def timeline(self, pid: int, start: float) -> list[tuple[float, float]]:
         """(seconds since start, MiB) pairs, for plots."""
@@ -91,8 +97,9 @@ def run_measured(
     payload_bytes: int = 0,
 ) -> list[dict[str, Any]]:
     """Run each target(queue, *args) in its own spawned process and return what each reported,
-    with `peak_rss_mib` (absolute, over [ready_at, finished_at]), `baseline_rss_mib` and
-    `above_payload_mib` (the peak less the baseline and `payload_bytes`, the dict itself) added.
+    with `outside_peak_rss_mib` (absolute, over [ready_at, finished_at]),
+    `outside_baseline_rss_mib` (at baseline_at) and `above_payload_mib` (the peak less the
+    baseline and `payload_bytes`, the dict itself) added.
     """
     context = multiprocessing.get_context("spawn")
     queues = [context.Queue() for _ in targets]
@@ -111,7 +118,8 @@ def run_measured(
     for process, result in zip(processes, results, strict=True):
         assert process.pid is not None
         result.update(sampler.window(process.pid, result))
-        above = result["peak_rss_mib"] - result["baseline_rss_mib"] - payload_bytes / MIB
+        peak, baseline = result["outside_peak_rss_mib"], result["outside_baseline_rss_mib"]
+        above = peak - baseline - payload_bytes / MIB
         result["above_payload_mib"] = above
     return results
 

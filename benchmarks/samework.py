@@ -121,11 +121,13 @@ def measure(system: str, settings: dict[str, Any]) -> dict[str, Any]:
         "system": system,
         "seconds": round(seconds, 3),
         "throughput_mb_s": round(settings["size"] / seconds / 1e6, 1),
-        "sender_peak_rss_mib": round(sender["peak_rss_mib"], 1),
-        "receiver_peak_rss_mib": round(receiver["peak_rss_mib"], 1),
+        "sender_peak_rss_mib": round(sender["outside_peak_rss_mib"], 1),
+        "receiver_peak_rss_mib": round(receiver["outside_peak_rss_mib"], 1),
         "sender_above_dict_mib": round(sender["above_payload_mib"], 1),
         "receiver_above_dict_mib": round(receiver["above_payload_mib"], 1),
         "digest_ok": True,  # the receiver raised otherwise
+        # payload bytes on the wire: below the dict's size when chunks went compressed
+        **({"wire_bytes": sender["wire_bytes"]} if "wire_bytes" in sender else {}),
     }
 
 
@@ -223,23 +225,30 @@ def _scheme(settings: dict[str, Any]) -> str:
     return f"{settings['driver']}s" if settings.get("tls_dir") else str(settings["driver"])
 
 
+def _options(side: Side) -> dict[str, Any]:
+    """Endpoint settings the command line changed (none by default: the user's defaults)."""
+    compression = side.settings.get("compression", "auto")
+    return {} if compression == "auto" else {"compression": compression}
+
+
 async def send_tensorwire(side: Side) -> dict[str, Any]:
     from transport import Endpoint
 
     state = side.make_source()
-    async with Endpoint(tls=_tls(side.settings, "client")) as endpoint:
+    async with Endpoint(tls=_tls(side.settings, "client"), **_options(side)) as endpoint:
         peer = await endpoint.connect(side.peer_address())
         started_at = time.time()
-        await peer.send_state_dict(state)
+        result = await peer.send_state_dict(state)
         finished_at = time.time()
-    return side.report(ready_at=started_at, started_at=started_at, finished_at=finished_at)
+    marks = {"ready_at": started_at, "started_at": started_at, "finished_at": finished_at}
+    return side.report(**marks, wire_bytes=result.bytes_sent)
 
 
 async def receive_tensorwire(side: Side) -> dict[str, Any]:
     from transport import Endpoint, StateDictSink
 
     target = side.make_target()
-    async with Endpoint(tls=_tls(side.settings, "server")) as endpoint:
+    async with Endpoint(tls=_tls(side.settings, "server"), **_options(side)) as endpoint:
         side.publish(await endpoint.listen(f"{_scheme(side.settings)}://127.0.0.1:0"))
         transfer = await anext(endpoint.incoming())
         received = await transfer.receive_into(StateDictSink(target))

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.baselines import raw_throughput
-from benchmarks.probes import MIB, RssSampler, parse_size, run_children, run_in_uvloop
+from benchmarks.outside import run_measured
+from benchmarks.probes import MIB, RssSampler, parse_size, run_in_uvloop
 from transport import create_pki
 from transport.progress import progress_wanted, transfer_progress
 
@@ -144,6 +145,7 @@ def run_dict(args: argparse.Namespace) -> dict[str, Any]:
             "driver": args.driver, "size": args.size, "tensor_size": args.tensor_size,
             "seed": args.seed, "sink": args.sink or "dict", "loop": args.loop or "asyncio",
             "tls_dir": pki if args.tls else None, "timeout": args.timeout,
+            "compression": getattr(args, "compression", "auto"),
         }  # fmt: skip
         systems = ["tensorwire"]
         if args.baseline:
@@ -244,8 +246,12 @@ def _summary(
         "bytes": nbytes,
         "seconds": round(seconds, 3),
         "throughput_mb_s": round(nbytes / seconds / 1e6, 1),
-        "sender_peak_rss_mib": round(sender["peak_rss_mib"], 1),
-        "receiver_peak_rss_mib": round(receiver["peak_rss_mib"], 1),
+        # above each process's RSS before its Endpoint existed, sampled from outside (the
+        # in-process sampler starts after the receive pool exists; it still draws the plots)
+        "sender_peak_rss_mib": _above_baseline(sender),
+        "receiver_peak_rss_mib": _above_baseline(receiver),
+        "sender_inprocess_peak_rss_mib": round(sender["peak_rss_mib"], 1),
+        "receiver_inprocess_peak_rss_mib": round(receiver["peak_rss_mib"], 1),
         "digest_ok": bool(receiver["digest_ok"] and nbytes == settings["size"]),
         "chunk_size": sender["chunk_size"],
         "stream_window": sender["stream_window"],
@@ -253,6 +259,12 @@ def _summary(
         "resumes": sender["resumes"],
         "bytes_sent": sender["bytes_sent"],
     }
+
+
+def _above_baseline(side: dict[str, Any]) -> float:
+    if "outside_peak_rss_mib" not in side:  # one process (memory driver): the in-process figure
+        return round(side["peak_rss_mib"], 1)
+    return round(side["outside_peak_rss_mib"] - side["outside_baseline_rss_mib"], 1)
 
 
 # --- tensorwire, two processes ------------------------------------------------------------------
@@ -266,7 +278,7 @@ def _run_two_processes(settings: dict[str, Any]) -> dict[str, Any]:
 def run_pair(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sender and receiver in their own processes; each side's full report (timelines too)."""
     url_queue: Any = multiprocessing.get_context("spawn").Queue()
-    receiver, sender = run_children(
+    receiver, sender = run_measured(
         [(_receiver_child, (settings, url_queue)), (_sender_child, (settings, url_queue))],
         timeout=settings["timeout"],
     )
@@ -288,8 +300,10 @@ async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[
 
     tls_dir = settings.get("tls_dir")
     tls = server_tls(Path(tls_dir)) if tls_dir else None
+    baseline_at = time.time()
     async with Endpoint(**settings["overrides"], tls=tls) as endpoint:
         publish_url(await endpoint.listen(listen_url(settings)))
+        ready_at = time.time()
         sampler = RssSampler().start()
         transfer = await anext(endpoint.incoming())
         nbytes = transfer.manifest.total_bytes if transfer.manifest else 0
@@ -308,6 +322,8 @@ async def receive_synthetic(settings: dict[str, Any], publish_url: Any) -> dict[
         "chunks": _count(stats, "chunks"),
         "digest_ok": digest_ok,
         "finished_at": finished_at,
+        "baseline_at": baseline_at,
+        "ready_at": ready_at,
         "peak_rss_mib": sampler.peak_above_baseline_mib,
         "rss_timeline": sampler.timeline,
     }
@@ -325,6 +341,7 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
 
     tls_dir = settings.get("tls_dir")
     tls = client_tls(Path(tls_dir), "client") if tls_dir else None
+    baseline_at = time.time()
     async with Endpoint(**settings["overrides"], tls=tls) as endpoint:
         config = endpoint.config
         source = SyntheticSource(
@@ -339,6 +356,7 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
         sampler = RssSampler().start()
         started_at = time.time()
         result = await peer.send_state_dict(source, streams=settings.get("streams", 1))
+        finished_at = time.time()
         sampler.stop()
         if proxy:
             await proxy[0].close()
@@ -347,6 +365,9 @@ async def send_synthetic(settings: dict[str, Any], url: str) -> dict[str, Any]:
         "resumes": result.resumes,
         "bytes_sent": result.bytes_sent,
         "started_at": started_at,
+        "baseline_at": baseline_at,
+        "ready_at": started_at,
+        "finished_at": finished_at,
         "peak_rss_mib": sampler.peak_above_baseline_mib,
         "rss_timeline": sampler.timeline,
         "chunk_size": config.chunk_size,
