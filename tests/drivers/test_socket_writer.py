@@ -45,7 +45,7 @@ async def _blocked_send(
     return conn, accepted, receiver, sending
 
 
-async def test_a_send_the_peer_does_not_read_buffers_nothing_in_user_space(
+async def test_a_send_the_peer_does_not_read_copies_nothing_into_the_loops_buffer(
     plain: DriverUnderTest,
 ) -> None:
     payload = os.urandom(24 * MiB)

@@ -104,7 +104,8 @@ class HttpConnection(DriverConnection):
         self.peer = peer
         self._writer = writer
         self._transport = transport
-        self._socket_writer = plain_socket_writer(transport)
+        low_water, high_water = transport.get_write_buffer_limits()  # the driver's options
+        self._socket_writer = plain_socket_writer(transport, high_water, low_water)
         self._content = content
         self._linger = linger
         self._on_body_end = on_body_end
@@ -160,7 +161,10 @@ class HttpConnection(DriverConnection):
         self._body_ended = True
         if not self._transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
-                self._transport.write(LAST_CHUNK)
+                if self._socket_writer is not None and self._socket_writer.queued_bytes:
+                    self._socket_writer.write_nowait([LAST_CHUNK])  # after what it holds
+                else:
+                    self._transport.write(LAST_CHUNK)
         self._on_body_end()
 
     # --- receiving ------------------------------------------------------------------------------

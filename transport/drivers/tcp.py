@@ -8,8 +8,8 @@ Sending on plain tcp does not go through the loop's transport: CPython 3.11's se
 copies whatever the kernel did not take at once into a bytearray (most of each 8 MiB chunk on a
 busy machine), and `writelines()` joins the parts into one new bytes object. `SocketWriter`
 instead writes the parts straight from their memory with `sendmsg` on a duplicate of the
-connection's socket descriptor, waiting for writability in between; `send()` returns once the
-kernel holds every byte, so nothing is buffered in user space, whatever the loop. TLS goes through
+connection's socket descriptor, keeping references (not copies) to what the kernel has not taken
+and waiting above the high-water mark, whatever the loop. TLS goes through
 the transport (encryption makes new buffers anyway): each part goes to `transport.write()`
 separately, and back-pressure is the FlowControlMixin idea: `pause_writing()` clears an event,
 `resume_writing()` sets it, `send()` waits on it.
@@ -18,6 +18,7 @@ separately, and back-pressure is the FlowControlMixin idea: `pause_writing()` cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -212,7 +213,9 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         except OSError as exc:
             logger.warning("cannot set socket options on %s: %s", transport, exc)
         transport.set_write_buffer_limits(self._options.write_high_water, self._options.low_water)
-        self.writer = plain_socket_writer(transport)
+        self.writer = plain_socket_writer(
+            transport, self._options.write_high_water, self._options.low_water
+        )
         self.connection = TcpConnection(transport, self, socket_peer_info(self._scheme, transport))
         try:
             self._receiver = self._receiver_for(self.connection)
@@ -348,6 +351,10 @@ class TcpConnection(DriverConnection):
 
     async def close(self) -> None:
         """Flush buffered bytes, close, and wait until the connection is gone."""
+        writer = self._protocol.writer
+        if writer is not None and not self._transport.is_closing():
+            with contextlib.suppress(OSError):  # a failed socket: connection_lost follows
+                await writer.flush()
         if not self._transport.is_closing():
             self._protocol.close_writer()
             self._transport.close()
