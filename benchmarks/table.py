@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=parse_size, default=parse_size("2GiB"))
     parser.add_argument("--synthetic", action="store_true", help="the synthetic-stream table")
     parser.add_argument("--sink", choices=("dict", "into"), default="dict")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per row: the median run is shown, and the range"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave README alone")
 
 
@@ -44,12 +47,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows = [_measure(driver, tls, args.size) for driver, tls in COMBINATIONS]
         table, markers = _markdown(rows, args.size), (START, END)
     else:
-        rows = [_measure_same_work(d, loop, args.size, args.sink) for d, loop in SAME_WORK]
-        table, markers = _same_work_markdown(rows, args.size, args.sink), (SAME_START, SAME_END)
+        rows = [_median_run(d, loop, args) for d, loop in SAME_WORK]
+        table = _same_work_markdown(rows, args.size, args.sink, args.repeat)
+        markers = (SAME_START, SAME_END)
     if not args.no_write:
         _write(table, *markers)
     print(table)
     return {"benchmark": "table", "rows": rows}
+
+
+def _median_run(driver: str, loop: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The run with the median ratio of `repeat` (this machine is shared: one run is noise), with
+    the range of every run's ratio."""
+    runs = [_measure_same_work(driver, loop, args.size, args.sink) for _ in range(args.repeat)]
+    runs.sort(key=lambda run: run["ratio"])
+    median = dict(runs[len(runs) // 2])
+    median["ratio_range"] = (runs[0]["ratio"], runs[-1]["ratio"])
+    return median
 
 
 def _measure_same_work(driver: str, loop: str, size: int, sink: str) -> dict[str, Any]:
@@ -60,26 +74,29 @@ def _measure_same_work(driver: str, loop: str, size: int, sink: str) -> dict[str
     return stream.run(options)
 
 
-def _same_work_markdown(rows: list[dict[str, Any]], size: int, sink: str) -> str:
+def _same_work_markdown(rows: list[dict[str, Any]], size: int, sink: str, repeat: int) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     shown = format_size(size).replace(" ", "")
     target = "existing tensors" if sink == "into" else "a new dict"
     lines = [
-        f"`python -m benchmarks table --size {shown}{' --sink into' if sink == 'into' else ''}` "
-        f"({format_size(size)} float32 dict of 256 MiB tensors into {target}, two processes, "
-        f"loopback, {when}, {machine}, load {os.getloadavg()[0]:.1f}):",
+        f"`python -m benchmarks table --size {shown}{' --sink into' if sink == 'into' else ''}"
+        f" --repeat {repeat}` ({format_size(size)} float32 dict of 256 MiB tensors into {target},"
+        f" two processes, loopback, {when}, {machine}, load {os.getloadavg()[0]:.1f}; each row the"
+        f" median of {repeat} runs, every figure of a row from that one run, and the range of"
+        " the ratio over all runs):",
         "",
-        "| driver | loop | tensorwire MB/s | bare socket MB/s | ratio | bare library MB/s | "
-        "ratio to library | sender RSS MiB (above dict) | receiver RSS MiB (above dict) |",
+        "| driver | loop | tensorwire MB/s | bare socket MB/s | ratio (range) | bare library MB/s"
+        " | ratio to library | sender RSS MiB (above dict) | receiver RSS MiB (above dict) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         library = row.get("grpc_mb_s") or row.get("aiohttp_mb_s")
+        low, high = row.get("ratio_range", (row["ratio"], row["ratio"]))
         library_ratio = row.get("ratio_to_grpc") or row.get("ratio_to_aiohttp")
         lines.append(
             f"| {row['driver']} | {row['loop']} | {row['throughput_mb_s']:,.0f}"
-            f" | {row['socket_mb_s']:,.0f} | {row['ratio']:.2f}"
+            f" | {row['socket_mb_s']:,.0f} | {row['ratio']:.2f} ({low:.2f}-{high:.2f})"
             f" | {f'{library:,.0f}' if library else '-'}"
             f" | {f'{library_ratio:.2f}' if library_ratio else '-'}"
             f" | {row['sender_peak_rss_mib']:,.0f} ({row['sender_above_dict_mib']:.0f})"
