@@ -52,8 +52,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         markers = (SAME_START, SAME_END)
     if not args.no_write:
         _write(table, *markers)
-    print(table)
-    return {"benchmark": "table", "rows": rows}
+    return {"benchmark": "table", "rows": rows, "markdown": table}
+
+
+def format_human(result: dict[str, Any]) -> str:
+    """Without --json: the table itself (with --json, one parseable JSON object)."""
+    return str(result["markdown"])
 
 
 def _median_run(driver: str, loop: str, args: argparse.Namespace) -> dict[str, Any]:
