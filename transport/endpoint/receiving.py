@@ -239,12 +239,7 @@ class IncomingTransfer:
             chunk = chunks[event.index]
             if event.flags & FrameFlags.COMPRESSED:
                 blob = link.pool.allocate(chunk.nbytes + CHUNK_HEADER_ROOM)
-                try:
-                    await asyncio.to_thread(
-                        _place, sink, decompressor, manifest, chunk, event, blob
-                    )
-                finally:
-                    link.pool.release(blob)
+                await _place_compressed(link, blob, sink, decompressor, manifest, chunk, event)
             elif inline:
                 sink.write(chunk, decode_chunk(manifest, chunk, event.payload))
             else:
@@ -370,6 +365,30 @@ def _place(
     if decompressor is not None and blob is not None:
         data = decompress(decompressor, event, blob)
     sink.write(chunk, decode_chunk(manifest, chunk, data))
+
+
+async def _place_compressed(
+    link: Link,
+    blob: bytearray,
+    sink: Sink,
+    decompressor: ChunkDecompressor,
+    manifest: Manifest,
+    chunk: Chunk,
+    event: sfm.DataReceived,
+) -> None:
+    """_place in a worker thread, decompressing into `blob`, then `blob` back to the pool.
+
+    Not on cancellation: the worker thread cannot be stopped and may still be writing into
+    `blob`; a pooled buffer would be handed to the link for the next frame meanwhile and its
+    bytes overwritten under it. Left to the garbage collector instead."""
+    try:
+        await asyncio.to_thread(_place, sink, decompressor, manifest, chunk, event, blob)
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        link.pool.release(blob)  # the worker ended (with this error): the buffer is free
+        raise
+    link.pool.release(blob)
 
 
 def _give_back(link: Link, event: sfm.DataReceived) -> None:
