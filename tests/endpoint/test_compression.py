@@ -1,6 +1,5 @@
 """Compression on the data path: bit-exact either way, compressed bytes actually saved, and
-"auto" off for a peer on the same host (the model's own decision is tested in
-tests/codecs/test_codecs_policy.py)."""
+"auto" turning itself off on a link faster than the codec."""
 
 from __future__ import annotations
 
@@ -64,7 +63,7 @@ async def test_compression_saves_bytes_on_realistic_weights() -> None:
     assert wire_on < wire_off / 1.15  # bf16 ~1.46x, fp32 ~1.19x at level 1
 
 
-async def test_auto_sends_raw_to_a_peer_on_the_same_host() -> None:
+async def test_auto_stops_compressing_on_a_link_faster_than_the_codec() -> None:
     settings = {"chunk_size": MIB, "stream_window": 8 * MIB, "compression": "auto"}
     async with Endpoint(**settings) as server, Endpoint(**settings) as client:
         url = await server.listen("tcp://127.0.0.1:0")
@@ -78,31 +77,6 @@ async def test_auto_sends_raw_to_a_peer_on_the_same_host() -> None:
         await peer.send_state_dict(SyntheticSource(256 * MIB, chunk_size=MIB))
         await receiving
         wire = peer._link.bytes_out - before
-    # Loopback: "auto" is off (no network to save), so the wire carried the payload as it is.
+    # Random bytes do not compress, and loopback outruns zstd: nearly everything went raw, so
+    # the wire carried about the payload (no inflation from codec framing either).
     assert wire < 256 * MIB * 1.02
-
-
-@pytest.mark.parametrize(
-    ("scheme", "address", "same_host"),
-    [
-        ("tcp", "127.0.0.1:5000", True),
-        ("grpc", "127.8.0.3:5000", True),
-        ("http", "[::1]:5000", True),
-        ("tcps", "localhost:5000", True),
-        ("memory", "benchmark", True),
-        ("tcp", "10.0.0.2:5000", False),
-        ("https", "[2001:db8::1]:443", False),
-        ("grpcs", "site-1.example.org:443", False),
-    ],
-)
-def test_auto_is_off_exactly_for_peers_on_this_host(
-    scheme: str, address: str, same_host: bool
-) -> None:
-    from transport import EndpointConfig, PeerInfo
-    from transport.endpoint.peer import _on_this_host
-
-    assert _on_this_host(PeerInfo(scheme, address)) is same_host
-    config = EndpointConfig()
-    expected = "off" if same_host else "auto"
-    assert config.compression_policy(same_host=same_host).mode == expected
-    assert EndpointConfig(compression="on").compression_policy(same_host=True).mode == "on"

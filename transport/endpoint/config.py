@@ -44,8 +44,7 @@ class EndpointConfig:
     auth_tokens: frozenset[str] | None = None
     allowed_identities: frozenset[str] | None = None
     # Lossless compression of chunks: "auto" compresses when the measured link is slower than
-    # the codec (it is on slow WAN links) and never to a peer on the same host (there is no
-    # network to save, only the CPU both ends share); "on", "off"; zstd level; threads.
+    # the codec (it is on slow WAN links, not on loopback); "on", "off"; zstd level; threads.
     compression: str = "auto"
     compression_level: int = 1
     compression_threads: int = 2
@@ -151,17 +150,9 @@ class EndpointConfig:
         largest = self.frame_limits.max_payload - CHUNK_HEADER_ROOM
         return ManifestLimits(max_chunk_bytes=max(largest, 1), max_chunks=self.max_chunks)
 
-    def compression_policy(self, *, same_host: bool = False) -> CompressionPolicy:
-        """A fresh policy (one per transfer: each measures its own link and data).
-
-        `same_host`: the peer runs on this machine (loopback, memory). "auto" is off then: the
-        policy's model assumes the codec threads have cores to spare, but between two processes
-        of one machine the transfer is CPU-bound on both ends, the link looks as slow as the CPU
-        makes it, and compressing only takes CPU from the transfer (measured on 2 cores, 2 GiB
-        of float32 over grpc: 5% slower and 35 MiB more sender memory with it)."""
+    def compression_policy(self) -> CompressionPolicy:
+        """A fresh policy (one per transfer: each measures its own link and data)."""
         mode: CompressionMode = self.compression  # type: ignore[assignment]
-        if mode == "auto" and same_host:
-            mode = "off"
         return CompressionPolicy(mode, self.compression_level, threads=self.compression_threads)
 
     def replace(self, **changes: object) -> EndpointConfig:

@@ -9,7 +9,6 @@ the place of the old one. Transfers in flight resume on the new connection.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
@@ -99,8 +98,7 @@ class Peer:
             else StateDictSource(state_dict, chunk_size=chunk_size)
         )
         config = self._endpoint.config
-        policy = config.compression_policy(same_host=_on_this_host(self.info))
-        codec = (policy, self._endpoint.codec_pool)
+        codec = (config.compression_policy(), self._endpoint.codec_pool)
         stripes = streams if streams is not None else config.streams
         nbytes, chunks = source.manifest.total_bytes, len(plan_chunks(source.manifest))
         with TransferRecord("sent", transfer_id, nbytes, chunks, self.node_id) as record:
@@ -251,18 +249,3 @@ async def _bounded(
         view = memoryview(block).cast("B")
         for start in range(0, max(view.nbytes, 1), limit):
             yield view[start : start + limit]
-
-
-def _on_this_host(peer: PeerInfo | None) -> bool:
-    """True for a peer over the memory driver or at a loopback address."""
-    if peer is None:
-        return False
-    if peer.scheme == "memory":
-        return True
-    host = peer.address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
