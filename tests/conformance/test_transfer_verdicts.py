@@ -93,10 +93,11 @@ async def test_a_rejected_or_failed_receive_is_the_senders_error(setup: Setup) -
 async def test_a_cancelled_send_fails_the_receiver_at_once(
     setup: Setup, request: pytest.FixtureRequest
 ) -> None:
-    if setup.scheme == "grpc":
+    if setup.scheme in ("grpc", "grpcs"):
         # Hangs now and then in full-suite runs on a loaded machine, never alone: the receiver
-        # is not told of the cancel. Cause not found yet (see the issue-15 closing note); kept
-        # running, so a pass still shows.
+        # is not told of the cancel (grpcs too, in a fresh-clone run of the issue-17 stop).
+        # Cause not found yet (see the issue-15 and issue-17 closing notes); kept running, so a
+        # pass still shows.
         request.applymarker(pytest.mark.xfail(strict=False, reason="intermittent hang on grpc"))
     async with setup.server(**PATIENT) as server, setup.client(**PATIENT) as client:
         peer = await client.connect(await server.listen(setup.listen_url()))

@@ -18,7 +18,6 @@ separately, and back-pressure is the FlowControlMixin idea: `pause_writing()` cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
@@ -353,8 +352,13 @@ class TcpConnection(DriverConnection):
         """Flush buffered bytes, close, and wait until the connection is gone."""
         writer = self._protocol.writer
         if writer is not None and not self._transport.is_closing():
-            with contextlib.suppress(OSError):  # a failed socket: connection_lost follows
+            try:
                 await writer.flush()
+            except OSError:
+                pass  # a failed socket: connection_lost follows
+            except asyncio.CancelledError:
+                self.abort()  # a close given up on (a shutdown's deadline) must not linger
+                raise
         if not self._transport.is_closing():
             self._protocol.close_writer()
             self._transport.close()
