@@ -39,12 +39,20 @@ __all__ = [
     "Listener",
     "PeerInfo",
     "TLSConfig",
+    "byte_view",
     "map_exceptions",
     "parse_host_port_url",
 ]
 
 Buffer = bytes | bytearray | memoryview
 """One part of a scatter-gather send."""
+
+
+def byte_view(part: Buffer) -> memoryview:
+    """`part` as a flat byte view, without a copy: sizes and slices count bytes, not items
+    (asyncio's transports and len() count items)."""
+    view = part if isinstance(part, memoryview) else memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class ByteReceiver(Protocol):

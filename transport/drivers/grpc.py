@@ -61,6 +61,7 @@ from transport.drivers.base import (
     Listener,
     PeerInfo,
     TLSConfig,
+    byte_view,
     describe_error,
     format_host_port,
     parse_host_port_url,
@@ -307,7 +308,7 @@ def _messages(parts: Sequence[Buffer], limit: int) -> list[bytes]:
     pieces: list[memoryview] = []
     size = 0
     for part in parts:
-        view = _byte_view(part)
+        view = byte_view(part)
         while view.nbytes:
             take = min(limit - size, view.nbytes)
             pieces.append(view[:take])
@@ -319,12 +320,6 @@ def _messages(parts: Sequence[Buffer], limit: int) -> list[bytes]:
     if pieces:
         messages.append(b"".join(pieces))
     return messages
-
-
-def _byte_view(part: Buffer) -> memoryview:
-    """`part` as a flat byte view, so sizes and slices count bytes, not items."""
-    view = part if isinstance(part, memoryview) else memoryview(part)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _current_task_cancelling() -> bool:

@@ -48,6 +48,7 @@ from transport.drivers.base import (
     ByteReceiver,
     DriverConnection,
     PeerInfo,
+    byte_view,
     describe_error,
     map_exceptions,
 )
@@ -135,7 +136,7 @@ class HttpConnection(DriverConnection):
     async def send(self, parts: Sequence[Buffer]) -> None:
         """Write the parts as one HTTP chunk; wait while the write buffer is above high water."""
         self._raise_if_closed()
-        views = [_byte_view(part) for part in parts]
+        views = [byte_view(part) for part in parts]
         size = sum(view.nbytes for view in views)
         if not size:  # a zero-size chunk would end the body
             return
@@ -330,9 +331,3 @@ class HttpConnection(DriverConnection):
 
 class _ReceiverFailed(Exception):
     """The receiver's get_buffer()/buffer_updated() raised (not the network's fault)."""
-
-
-def _byte_view(part: Buffer) -> memoryview:
-    """`part` as a flat byte view: asyncio's transports count len(), i.e. items, not bytes."""
-    view = part if isinstance(part, memoryview) else memoryview(part)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")

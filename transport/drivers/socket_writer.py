@@ -22,7 +22,7 @@ import socket
 from collections import deque
 from collections.abc import Sequence
 
-from transport.drivers.base import Buffer
+from transport.drivers.base import Buffer, byte_view
 
 __all__ = ["SocketWriter", "plain_socket_writer"]
 
@@ -72,7 +72,7 @@ class SocketWriter:
         self._raise_if_failed()
         for part in parts:
             if len(part):
-                view = _flat(part)
+                view = byte_view(part)
                 self._queued.append(view)
                 self._queued_bytes += view.nbytes
         self._send_queued()
@@ -143,11 +143,6 @@ class SocketWriter:
             return
         self._fail(ConnectionResetError("the connection is closed"))
         self._socket.close()
-
-
-def _flat(part: Buffer) -> memoryview:
-    view = part if isinstance(part, memoryview) else memoryview(part)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _advance(views: deque[memoryview], sent: int) -> None:
