@@ -288,7 +288,6 @@ class HttpConnection(DriverConnection):
         self._closing = True
         self._undelivered = None
         self._close_socket_writer()
-        self._stop_reader()
         self.lost.set_result(None)
         self._releasing = asyncio.get_running_loop().create_task(self._release())
         if self._receiver is not None:
@@ -299,15 +298,6 @@ class HttpConnection(DriverConnection):
         # holds this connection: let go of it, so the connection goes by reference counting.
         if self._reader is task:
             self._reader = None
-
-    def _stop_reader(self) -> None:
-        """End a reader task still waiting in readany(): aiohttp does not always wake it when the
-        connection goes (a refused https attempt left it waiting forever), and a task that
-        never ends keeps the connection, its transport and TLS session in a reference cycle
-        until the cyclic collector runs (~1.3 MiB per https connection)."""
-        reader = self._reader
-        if reader is not None and not reader.done() and reader is not asyncio.current_task():
-            reader.cancel()
 
     def _close_socket_writer(self) -> None:
         """Release the writer's descriptor: the socket closes only once both descriptors are."""
