@@ -134,7 +134,7 @@ async def send_grpc(side: Side) -> dict[str, Any]:
 
     state = side.make_source()
     address = f"{_HOST}:{side.peer_address()}"
-    tls = _grpc_tls(side)
+    tls = _bare_tls(side)
     channel = (
         grpc.aio.secure_channel(address, _client_credentials(tls), options=_grpc_options(tls))
         if tls
@@ -155,7 +155,8 @@ async def send_grpc(side: Side) -> dict[str, Any]:
     return side.report(ready_at=started_at, started_at=started_at, finished_at=finished_at)
 
 
-def _grpc_tls(side: Side) -> Any:
+def _bare_tls(side: Side) -> Any:
+    """One TLSConfig for both ends of the bare grpc and aiohttp baselines (server-authenticated)."""
     from benchmarks.baselines import _both_ends
 
     return _both_ends(side.settings.get("tls_dir"))
@@ -186,7 +187,7 @@ async def receive_grpc(side: Side) -> dict[str, Any]:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: handler}),)
     )
-    tls = _grpc_tls(side)
+    tls = _bare_tls(side)
     address = f"{_HOST}:0"
     if tls:
         port = server.add_secure_port(address, _server_credentials(tls))
@@ -233,7 +234,7 @@ async def send_aiohttp(side: Side) -> dict[str, Any]:
     import aiohttp
 
     state = side.make_source()
-    tls = _grpc_tls(side)
+    tls = _bare_tls(side)
     context: Any = False
     if tls is not None:
         from transport import TLSConfig
@@ -291,7 +292,7 @@ async def receive_aiohttp(side: Side) -> dict[str, Any]:
     app.router.add_post("/tensors", put)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    tls = _grpc_tls(side)
+    tls = _bare_tls(side)
     site = web.TCPSite(runner, _HOST, 0, ssl_context=tls.server_context() if tls else None)
     await site.start()
     scheme = "https" if tls else "http"

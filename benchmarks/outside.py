@@ -26,7 +26,7 @@ from typing import Any
 
 from fl.rss import MIB
 
-__all__ = ["ChildFailed", "ProcessRss", "child_main", "collect", "run_measured"]
+__all__ = ["ChildFailed", "ProcessRss", "child_main", "collect", "end", "run_measured", "spawn"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _POLL_SECONDS = 0.005
@@ -101,6 +101,27 @@ def run_measured(
     `outside_baseline_rss_mib` (at baseline_at) and `above_payload_mib` (the peak less the
     baseline and `payload_bytes`, the dict itself) added.
     """
+    processes, queues = spawn(targets)
+    sampler = ProcessRss([p.pid for p in processes if p.pid is not None]).start()
+    try:
+        results = collect(processes, queues, timeout)
+    finally:
+        sampler.stop()
+        end(processes)
+    for process, result in zip(processes, results, strict=True):
+        assert process.pid is not None
+        result.update(sampler.window(process.pid, result))
+        peak, baseline = result["outside_peak_rss_mib"], result["outside_baseline_rss_mib"]
+        above = peak - baseline - payload_bytes / MIB
+        result["above_payload_mib"] = above
+    return results
+
+
+def spawn(
+    targets: list[tuple[Callable[..., None], tuple[Any, ...]]],
+) -> tuple[list[Any], list[Any]]:
+    """Start each target(queue, *args) in its own spawned process (a clean interpreter, so its
+    RSS baseline is its own); the processes and their queues."""
     context = multiprocessing.get_context("spawn")
     queues = [context.Queue() for _ in targets]
     processes = [
@@ -109,19 +130,7 @@ def run_measured(
     ]
     for process in processes:
         process.start()
-    sampler = ProcessRss([p.pid for p in processes if p.pid is not None]).start()
-    try:
-        results = collect(processes, queues, timeout)
-    finally:
-        sampler.stop()
-        _end(processes)
-    for process, result in zip(processes, results, strict=True):
-        assert process.pid is not None
-        result.update(sampler.window(process.pid, result))
-        peak, baseline = result["outside_peak_rss_mib"], result["outside_baseline_rss_mib"]
-        above = peak - baseline - payload_bytes / MIB
-        result["above_payload_mib"] = above
-    return results
+    return processes, queues
 
 
 def collect(processes: list[Any], queues: list[Any], timeout: float) -> list[Any]:
@@ -156,7 +165,8 @@ def _poll(process: Any, queue: Any) -> Any:
     return result
 
 
-def _end(processes: list[Any]) -> None:
+def end(processes: list[Any]) -> None:
+    """Join each process briefly, then kill what still runs."""
     for process in processes:
         process.join(timeout=5)
         if process.is_alive():

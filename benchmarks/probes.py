@@ -9,12 +9,11 @@ imports benchmarks; they are re-exported here so every benchmark keeps one impor
 
 from __future__ import annotations
 
-import multiprocessing
 import re
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.outside import collect
+from benchmarks.outside import child_main, collect, end, spawn
 from fl.rss import MIB, RssSampler
 from fl.sizes import format_size
 
@@ -40,32 +39,15 @@ def run_children(
     Spawned (not forked) so each child starts from a clean interpreter and its RSS baseline is its
     own. A child that fails puts an exception text; that is raised here with the child's name.
     """
-    context = multiprocessing.get_context("spawn")
-    queues = [context.Queue() for _ in targets]
-    processes = [
-        context.Process(target=target, args=(queue, *args), daemon=True)
-        for (target, args), queue in zip(targets, queues, strict=True)
-    ]
-    for process in processes:
-        process.start()
+    processes, queues = spawn(targets)
     try:
         # Fails fast: the first child that reports an error or dies ends the run with its error.
         return collect(processes, queues, timeout)
     finally:
-        for process in processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
+        end(processes)
 
 
 def run_in_uvloop(role: str, queue: Any, body: Callable[[], Any]) -> None:
     """In a child process: run the coroutine `body()` under uvloop and put its result (or the
     error, as text) on `queue`, so run_children can report which side failed and why."""
-    import traceback
-
-    try:
-        import uvloop
-
-        queue.put(uvloop.run(body()))
-    except BaseException:
-        queue.put({"role": role, "error": traceback.format_exc()})
+    child_main(role, queue, body, "uvloop")

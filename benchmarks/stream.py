@@ -120,9 +120,7 @@ def _check_synthetic(args: argparse.Namespace) -> None:
 def _itemsize(dtype: str, dtypes: Any) -> int:
     if dtype not in dtypes:
         raise SystemExit(f"--dtype {dtype!r} is not one of {', '.join(sorted(dtypes))}")
-    import torch
-
-    return int(torch.empty(0, dtype=dtypes[dtype]).element_size())
+    return int(dtypes[dtype].itemsize)
 
 
 # --- the user's work: a real dict ---------------------------------------------------------------
