@@ -195,10 +195,7 @@ def run_flower_deployment(
             side["processes"].sort(key=lambda p: p["pid"] != app_pid)
             result[role] = side
     except Exception as exc:  # reported, not raised: the other systems still run
-        result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        for role in ("sender", "receiver"):
-            if role in watch.roots:
-                result[role] = watch.side(role, {})
+        watch.record_failure(result, exc)
     finally:
         (out / "release").write_text("")
         for proc in reversed(procs):

@@ -208,6 +208,13 @@ class RssWatch:
                 self._sample(pid)
             time.sleep(self.interval)
 
+    def record_failure(self, result: dict[str, Any], exc: Exception) -> None:
+        """A run that failed: its error, and what memory each side that started reached."""
+        result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        for role in ("sender", "receiver"):
+            if role in self.roots:
+                result[role] = self.side(role, {})
+
     def side(self, role: str, hwm: dict[int, float]) -> dict[str, Any]:
         """Peak per process of one side (the root first), VmHWM where it could be read."""
         procs = []
@@ -368,10 +375,7 @@ def run_pair(spec: Spec, python: Path, count: int, logdir: Path, timeout: float)
             side["base_mib"] = None if base_rss is None else round(base_rss, 1)
             result[role] = side
     except Exception as exc:  # reported, not raised: the other systems still run
-        result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        for role in ("sender", "receiver"):
-            if role in watch.roots:
-                result[role] = watch.side(role, {})
+        watch.record_failure(result, exc)
     finally:
         for end in reversed(ends):
             end.close()
