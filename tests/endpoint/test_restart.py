@@ -49,6 +49,10 @@ async def test_killed_receiver_restarts_and_the_transfer_resumes(tmp_path: Path)
         first.kill()
         first.join()
         held_at_kill = len(journal.read_text().splitlines()) - 1
+        # A queue of its own: a process killed just after its last put can leave the queue's
+        # shared write lock held (its feeder thread releases it after the bytes are out), and
+        # the second receiver's puts would then wait forever (seen once in a fresh-clone run).
+        queue = context.Queue()
         second = context.Process(
             target=children.restartable_file_receiver,
             args=(queue, str(path), port, None),
