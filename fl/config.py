@@ -223,6 +223,9 @@ class ClientConfig(_Strict):
     """`tensorwire client`."""
 
     server: Url
+    # Where else to turn when `server` is gone for good (a relay that died: its server, or
+    # another relay), tried in order after it (fl/relay.py).
+    fallbacks: list[Url] = Field(default_factory=list)
     site: str = Field(min_length=1, max_length=128)
     script: str
     args: list[str] = Field(default_factory=list)
@@ -234,6 +237,40 @@ class ClientConfig(_Strict):
     idle_timeout: float = Field(120.0, gt=0)
     max_restarts: int = Field(5, ge=0)
     restart_backoff: float = Field(1.0, ge=0)
+
+
+class RelayConfig(_Strict):
+    """`tensorwire relay` (fl/relay.py): a site to its upstream, a server to its sites."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    # The server, or a parent relay (a tree), then where to turn when it is gone for good.
+    upstream: Url
+    fallbacks: list[Url] = Field(default_factory=list)
+    listen: list[Url] = Field(default_factory=lambda: ["tcp://127.0.0.1:8770"], min_length=1)
+    # The task models being forwarded and the partial sums being sent up: up to two models'
+    # size on disk (one in float32), none in RAM.
+    state_dir: str = "relay-state"
+    # One certificate (<name>.pem) for both hops: served to the sites, shown to the upstream.
+    pki_dir: str | None = None
+    token: str | None = None  # this relay's token, for an upstream that asks for one
+    auth_tokens: list[str] | None = None  # tokens its sites must show
+    allowed_clients: list[str] | None = None  # site certificate names (CN); None: any
+    insecure: bool = False
+    idle_timeout: float = Field(120.0, gt=0)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    heartbeat_timeout: float = Field(60.0, gt=0)
+    reconnect_grace: float = Field(10.0, gt=0)
+    connect_timeout: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _mutual_tls_off_loopback(self) -> RelayConfig:
+        exposed = [url for url in self.listen if not _is_loopback(url)]
+        if exposed and self.pki_dir is None and not self.insecure:
+            raise ValueError(
+                f"listening on {', '.join(exposed)} needs mutual TLS: set pki_dir (make one with "
+                "`tensorwire certs init`) or insecure = true"
+            )
+        return self
 
 
 def _is_loopback(url: str) -> bool:
@@ -381,6 +418,8 @@ def consistency_problems(config: BaseModel) -> list[ConfigProblem]:
         return _server_problems(config)
     if isinstance(config, ClientConfig):
         return _client_problems(config)
+    if isinstance(config, RelayConfig):
+        return _relay_problems(config)
     return []
 
 
@@ -413,6 +452,19 @@ def _client_problems(config: ClientConfig) -> list[ConfigProblem]:
     return []
 
 
+def _relay_problems(config: RelayConfig) -> list[ConfigProblem]:
+    problems = []
+    tls = [url for url in config.listen if urlsplit(url).scheme in TLS_SCHEMES]
+    if tls and config.pki_dir is None:
+        fix = "set pki_dir to the folder `tensorwire certs init` made, or listen on tcp://"
+        problems.append(ConfigProblem("", "pki_dir", f"{tls[0]} needs a certificate", fix))
+    scheme = urlsplit(config.upstream).scheme
+    if config.token is not None and scheme in PLAIN_SCHEMES:
+        fix = "use a TLS upstream URL (tcps://, grpcs://, https://) or drop the token"
+        problems.append(ConfigProblem("", "token", "a token would travel in clear text", fix))
+    return problems
+
+
 # --- what it names on this machine ---------------------------------------------------------------
 
 
@@ -428,6 +480,8 @@ def path_problems(config: BaseModel) -> list[ConfigProblem]:
             fix = "give the path of the site's training script"
             problems.append(ConfigProblem("", "script", f"{config.script} is not a file", fix))
         return problems
+    if isinstance(config, RelayConfig):
+        return _pki_problems(config.pki_dir, config.name) + _creatable("state_dir", config.state_dir)
     return []
 
 
