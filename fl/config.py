@@ -481,7 +481,8 @@ def path_problems(config: BaseModel) -> list[ConfigProblem]:
             problems.append(ConfigProblem("", "script", f"{config.script} is not a file", fix))
         return problems
     if isinstance(config, RelayConfig):
-        return _pki_problems(config.pki_dir, config.name) + _creatable("state_dir", config.state_dir)
+        problems = _pki_problems(config.pki_dir, config.name)
+        return problems + _creatable("state_dir", config.state_dir)
     return []
 
 
