@@ -16,6 +16,7 @@ whether or not, and however differently, its chunks were compressed across resum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -114,6 +115,10 @@ class ChunkPipeline:
             while position < len(chunks) or pending:
                 while position < len(chunks) and len(pending) < depth:
                     chunk = chunks[position]
+                    if not self._source.is_ready(chunk):
+                        if pending:  # send what is prepared while this one is not there yet
+                            break
+                        await wait_ready(self._source, chunk)
                     position += 1
                     parts = encode_chunk(self._manifest, chunk, self._source.chunk_views(chunk))
                     if self._should_compress():
@@ -136,6 +141,28 @@ class ChunkPipeline:
         """How long the link took to take `nbytes` (credit wait + write): its rate."""
         if seconds > 0 and nbytes > 0:
             self._policy.observe_link_rate(nbytes, seconds)
+
+
+async def wait_ready(source: Source, chunk: Chunk) -> None:
+    """Until `source` can serve `chunk` (a relay's source while the chunk is still upstream);
+    the source's callbacks may come from any thread. Raises what the source raises when the
+    chunk will never come."""
+    loop = asyncio.get_running_loop()
+    more = asyncio.Event()
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting any more
+            loop.call_soon_threadsafe(more.set)
+
+    stop = source.when_ready(wake)
+    try:
+        while True:
+            more.clear()  # before asking: a chunk that lands in between still wakes us
+            if source.is_ready(chunk):
+                return
+            await more.wait()
+    finally:
+        stop()
 
 
 def blob_checksum(event: sfm.DataReceived) -> int:

@@ -26,7 +26,7 @@ import xxhash
 from transport import metrics
 from transport.codecs import CompressionPolicy
 from transport.endpoint.clock import Clock
-from transport.endpoint.compression import ChunkPipeline
+from transport.endpoint.compression import ChunkPipeline, wait_ready
 from transport.exceptions import (
     IdleTimeoutError,
     LocalError,
@@ -221,7 +221,7 @@ async def _striped_attempt(
                 _send_stripe(link, stream_id, streams, source, pipeline, stripe, transfer, progress)
             )
     _absorb_resume_points(streams, transfer)
-    _fill_checksums(source, source.manifest, chunks, transfer)
+    await _fill_checksums(source, source.manifest, chunks, transfer)
     end = transfer.end_header()
     async with asyncio.TaskGroup() as group:
         for link, stream_id in streams:
@@ -302,13 +302,15 @@ async def _send_stripe(
             source.release(delivered)
 
 
-def _fill_checksums(
+async def _fill_checksums(
     source: Source, manifest: Manifest, chunks: list[Chunk], transfer: OutgoingTransfer
 ) -> None:
     """Checksums of chunks the receiver held from an attempt this process never sent (a
     transfer id reused after a sender restart): hash them as they would have been framed."""
     for index in transfer.missing_checksums():
         chunk = chunks[index]
+        if not source.is_ready(chunk):
+            await wait_ready(source, chunk)
         hasher = xxhash.xxh3_64()
         for part in encode_chunk(manifest, chunk, source.chunk_views(chunk)):
             hasher.update(part)

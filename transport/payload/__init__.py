@@ -20,6 +20,7 @@ from transport.payload.manifest import (
     dtype_name,
 )
 from transport.payload.plan import Chunk, Piece, is_whole, plan_chunks
+from transport.payload.relaying import RelayFile
 from transport.payload.sinks import (
     CallbackSink,
     DigestSink,
@@ -51,6 +52,7 @@ __all__ = [
     "Manifest",
     "ManifestLimits",
     "Piece",
+    "RelayFile",
     "SafetensorsFileSink",
     "SafetensorsSource",
     "SharedStorageWarning",

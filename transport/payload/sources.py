@@ -14,7 +14,7 @@ import contextlib
 import json
 import mmap
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -74,6 +74,17 @@ class Source(ABC):
     def release(self, chunk: Chunk) -> None:  # noqa: B027 - optional hook, no-op by default
         """The views of `chunk` were sent and will not be read again."""
 
+    def is_ready(self, chunk: Chunk) -> bool:
+        """Whether `chunk` can be read now. A source still being filled (a relay forwarding
+        what it receives: transport/payload/relaying.py) says False until it is; a sender then
+        waits for a `when_ready` callback. Raises when the chunk will never come."""
+        return True
+
+    def when_ready(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from any thread) whenever more chunks may be ready; returns what
+        stops it. A source that is always ready never calls it."""
+        return _nothing
+
     def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Free what the source holds (files, mmaps, buffers)."""
 
@@ -87,6 +98,10 @@ class Source(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _nothing() -> None:
+    """What stops a callback that is never called."""
 
 
 # --- in-memory state dict ------------------------------------------------------------------------
