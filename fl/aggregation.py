@@ -132,16 +132,24 @@ class Sums(ABC):
         self._sealed = False
 
     def add(
-        self, name: str, tensor: torch.Tensor, weight: float, convert: SliceConvert | None = None
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        weight: float,
+        convert: SliceConvert | None = None,
+        *,
+        weighted_already: bool = False,
     ) -> None:
-        """Fold `weight * convert(tensor)` (flattened) into the sums of `name`."""
+        """Fold `weight * convert(tensor)` (flattened) into the sums of `name`; with
+        `weighted_already` (a relay's partial sum) `convert(tensor)` itself, standing for
+        `weight`."""
         check_weight(weight)
         flat = tensor.reshape(-1)
         lock = self._claim(name, flat.numel())
         with lock:
             first = name not in self._weights
             try:
-                self._fold(name, flat, weight, convert, first)
+                self._fold(name, flat, 1.0 if weighted_already else weight, convert, first)
             except BaseException:
                 self._broken.add(name)
                 raise
@@ -339,6 +347,9 @@ class FileSums(Sums):
 class RoundAggregation:
     """One round: clients' tensors into `sums`, then `update` writes the new global model."""
 
+    # Whether a relay's partial sum can be folded in (fl.robust needs each site's own update).
+    takes_partial_sums = True
+
     def __init__(
         self,
         base: Mapping[str, torch.Tensor],
@@ -365,15 +376,27 @@ class RoundAggregation:
         tensor: torch.Tensor,
         weight: float,
         params_type: ParamsType | str,
+        *,
+        partial: bool = False,
     ) -> None:
         """Fold `client`'s copy of tensor `name` into the sums, or refuse it whole with a
-        ValueError naming client and tensor."""
+        ValueError naming client and tensor. A `partial` one is a relay's sum of its sites'
+        weighted copies, standing for `weight`: folded as it is (FULL <-> DIFF: -/+ weight x
+        base), so the round is the same as with those sites' own copies."""
         have = ParamsType.parse(params_type)
+        if partial and not self.takes_partial_sums:
+            raise ValueError(
+                f"{client}'s partial sum of {name!r}: this aggregation needs each site's own update"
+            )
         self._admit(client, name, tensor, weight, have)
         folded = False
         try:
             _check_finite(client, name, tensor, self.sums.slice_elements)
-            self._fold(client, name, tensor, weight, have)
+            if partial:
+                convert = self._converter(name, have, scale=weight)
+                self.sums.add(name, tensor, weight, convert, weighted_already=True)
+            else:
+                self._fold(client, name, tensor, weight, have)
             folded = True
         finally:
             with self._lock:
@@ -414,6 +437,32 @@ class RoundAggregation:
                 raise
             self.update.end_round()
             assert self.mode is not None
+            return RoundOutcome(self.mode, self.weights(), self.all_contributors())
+        finally:
+            self.close()
+
+    def write_sums(self, write_tensor: TensorWriter) -> RoundOutcome:
+        """What a relay sends upstream instead of finishing the round: refuse further adds and
+        write each tensor's raw weighted sum (accumulate dtype; zeros for a tensor no client
+        delivered, whose weight is 0) through write_tensor(name, start_element, slice), in
+        `layouts` order; closes the sums. ValueError when no client delivered anything."""
+        try:
+            with self._lock:
+                self._closed = True
+                self._idle.wait_for(lambda: not any(self._in_flight.values()))
+            if self.mode is None:
+                raise ValueError("no client delivered any tensor")
+            size = self.sums.slice_elements
+            buffer = torch.empty(size, dtype=self.sums.accumulate_dtype)
+            for name, layout in self.layouts.items():
+                delivered = self.weight(name) > 0
+                for start, stop in slice_bounds(layout.numel, size):
+                    piece = buffer[: stop - start]
+                    if delivered:
+                        self.sums.read_into(name, start, piece)
+                    else:
+                        piece.zero_()
+                    write_tensor(name, start, piece)
             return RoundOutcome(self.mode, self.weights(), self.all_contributors())
         finally:
             self.close()
@@ -465,9 +514,10 @@ class RoundAggregation:
                 self.mode = have
 
     def _converter(
-        self, name: str, have: ParamsType, want: ParamsType | None = None
+        self, name: str, have: ParamsType, want: ParamsType | None = None, scale: float = 1.0
     ) -> SliceConvert | None:
-        """Slices sent in mode `have` to mode `want` (the round's by default); None: as sent."""
+        """Slices sent in mode `have` to mode `want` (the round's by default); None: as sent.
+        `scale`: the slices are sums standing for that weight, so base counts that many times."""
         if have is (want or self.mode):
             return None
         base_flat = self.base[name].reshape(-1)
@@ -475,6 +525,8 @@ class RoundAggregation:
 
         def convert(start: int, piece: torch.Tensor) -> torch.Tensor:
             base = base_flat[start : start + piece.numel()].to(work)
+            if scale != 1.0:
+                base = base * scale  # a new tensor: `base` may be a view of the model
             if have is ParamsType.FULL:  # to DIFF
                 return piece.to(work) - base
             return base + piece.to(work)

@@ -35,8 +35,8 @@ from fl.controller import Controller, Gathered
 from fl.job_state import JobState, load_state, model_name, remove_stale_models, save_state
 from fl.model import FLModel
 from fl.model_file import ModelFile, ModelFileWriter, copy_file, write_model_file
+from fl.results import DEFAULT_MAX_SAMPLE_COUNT, ResultRules
 from fl.robust import RobustAggregation, RobustOptions
-from fl.server import DEFAULT_MAX_SAMPLE_COUNT, ResultRules
 from fl.server_optimizers import FedAvgUpdate, ServerUpdate
 from transport import SafetensorsSource
 
@@ -76,7 +76,7 @@ class FedAvg(Controller):
 
     `round_timeout` (None: no deadline, progress-aware waiting) ends each round's gather: sites
     without a result by then fail the round, and min_clients decides whether it counts.
-    `cast_dtypes` and `max_sample_count` are the result rules (fl.server.ResultRules).
+    `cast_dtypes` and `max_sample_count` are the result rules (fl.results.ResultRules).
 
     Robust aggregation (fl/robust.py): `clip_norm` scales each client's update to at most that L2
     norm; `trim_fraction` (0 <= beta < 0.5) replaces the weighted mean by the coordinate-wise

@@ -2,8 +2,8 @@
 
     server -> client  transfer  {"fl": "task", task_id, task, round, total_rounds,
                                  params_type, meta}
-    client -> server  transfer  {"fl": "result", task_id, params_type, metrics, meta}
-                                (transfer id "<task_id>/<site>/result")
+    client -> server  transfer  {"fl": "result", task_id, params_type, metrics, meta
+                                 [, partial]}   (transfer id "<task_id>/<site>/result")
     client -> server  request   {"fl": "hello"} | {"fl": "heartbeat", task_id, sent} |
                                 {"fl": "error", task_id, message}
     server -> client  request   {"fl": "stop", reason} | {"fl": "resend", task_id}
@@ -20,6 +20,14 @@ answers {"fl": "resend", "ok": true} and sends it again in the background, with 
 id and meta, when it still holds that result (it keeps the last one until the next task arrives);
 {"fl": "resend", "ok": false} otherwise.
 
+A relay (fl/relay.py) is a client to its upstream and a server to its sites. Its result for a
+task is one partial sum over its sites: `partial` = {"weight": W, "weights": {name: w}, "sites":
+[...]}, where each tensor of the transfer is the sum of its sites' weighted tensors (in F32 or
+F64), W the weight (sample counts) each sum stands for and `weights` the tensors whose sum stands
+for less (a site whose upload failed half way counts only for the tensors it completed). Its
+hello and heartbeats carry "sites": the sites connected to it now, which the server turns to
+directly when the relay dies mid-round.
+
 Task ids name a task across server restarts (e.g. "job/round-3"): a restarted server sends the
 same task again under the same id, so neither side may assume an id is new per server process.
 
@@ -30,6 +38,7 @@ field, which the receiver turns into a rejected transfer or a failed request, ne
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +73,21 @@ class TaskInfo:
 
 
 @dataclass(frozen=True)
+class PartialSum:
+    """What a relay's result stands for: its tensors are sums of its sites' weighted tensors."""
+
+    weight: float  # the sites' total weight (sample counts): what each tensor's sum stands for
+    weights: dict[str, float] = field(default_factory=dict)  # the tensors that stand for less
+    sites: tuple[str, ...] = ()
+
+    def weight_of(self, name: str) -> float:
+        return self.weights.get(name, self.weight)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weight": self.weight, "weights": self.weights, "sites": list(self.sites)}
+
+
+@dataclass(frozen=True)
 class ResultInfo:
     """What a result transfer says about the update it carries."""
 
@@ -71,6 +95,7 @@ class ResultInfo:
     params_type: ParamsType
     metrics: dict[str, float]
     meta: dict[str, Any]
+    partial: PartialSum | None = None
 
 
 def task_meta(task_id: str, task: str, model: FLModel) -> dict[str, Any]:
@@ -85,14 +110,17 @@ def task_meta(task_id: str, task: str, model: FLModel) -> dict[str, Any]:
     }
 
 
-def result_meta(task_id: str, model: FLModel) -> dict[str, Any]:
-    return {
+def result_meta(task_id: str, model: FLModel, partial: PartialSum | None = None) -> dict[str, Any]:
+    meta = {
         "fl": RESULT,
         "task_id": task_id,
         "params_type": model.params_type.value,
         "metrics": json_checked(model.metrics, "metrics"),
         "meta": json_checked(model.meta, "meta"),
     }
+    if partial is not None:
+        meta["partial"] = partial.to_json()
+    return meta
 
 
 def result_transfer_id(task_id: str, site: str) -> str:
@@ -151,7 +179,44 @@ def parse_result(meta: Mapping[str, Any]) -> ResultInfo:
         params_type=_params_type(meta),
         metrics={name: float(value) for name, value in metrics.items()},
         meta=_mapping(meta, "meta"),
+        partial=_partial(meta.get("partial")),
     )
+
+
+def _partial(value: Any) -> PartialSum | None:
+    """A relay's `partial` field, checked: numbers that are weights, names that are strings."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ProtocolViolation(f"field 'partial' must be an object, got {type(value).__name__}")
+    weights = _mapping(value, "weights")
+    for name, weight in [("weight", value.get("weight")), *weights.items()]:
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise ProtocolViolation(f"partial weight of {name!r} is {weight!r}, not a weight")
+    sites = value.get("sites", [])
+    if not isinstance(sites, list) or not all(isinstance(site, str) for site in sites):
+        raise ProtocolViolation("field 'partial.sites' must be a list of site names")
+    if not value["weight"] > 0:
+        raise ProtocolViolation("a partial sum must stand for a positive weight")
+    return PartialSum(
+        float(value["weight"]),
+        {str(name): float(weight) for name, weight in weights.items()},
+        tuple(sites),
+    )
+
+
+def sites_of(message: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The `sites` a relay's hello or heartbeat lists (None: not a relay), checked."""
+    sites = message.get("sites")
+    if sites is None:
+        return None
+    if not isinstance(sites, list) or not all(isinstance(s, str) and s for s in sites):
+        raise ProtocolViolation("field 'sites' must be a list of site names")
+    return tuple(sites)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
 
 
 def _expect_kind(meta: Mapping[str, Any], kind: str) -> None:

@@ -115,6 +115,8 @@ class RobustAggregation(RoundAggregation):
     """A round whose clients' updates are kept in `updates` and combined by `options` when each
     tensor is finished (see the module docstring)."""
 
+    takes_partial_sums = False  # a relay's sum hides the sites' updates it would compare
+
     def __init__(
         self,
         base: Mapping[str, torch.Tensor],

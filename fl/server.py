@@ -18,8 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fl.admin import ADMIN, authorize, command_of, is_admin_connection
 from fl.aggregation import RoundAggregation
 from fl.model import FLModel
@@ -34,44 +32,23 @@ from fl.protocol import (
     kind_of,
     parse_result,
     result_transfer_id,
+    sites_of,
     task_meta,
 )
+from fl.results import ResultRules, TensorHook, sink_or_reject
 from fl.status import JobProgress, TransferProgress, snapshot
 from transport import (
-    DTYPES,
-    CallbackSink,
     Endpoint,
     EndpointConfig,
     IncomingTransfer,
     Peer,
-    Sink,
-    StateDictSink,
-    dtype_name,
 )
 
 log = logging.getLogger(__name__)
 
-# Called with (client, tensor name, tensor) as each tensor of a result has been aggregated.
-TensorHook = Callable[[str, str, Any], None]
 # Results for a task that is not open yet (a restarted server, its clients' uploads resuming
 # before the round is set up again) wait this many at most; more are refused.
 MAX_PARKED_RESULTS = 1024
-# The largest sample_count a result may claim by default: above any number of samples (or tokens)
-# one site trains on in a round, and small enough that weight * value stays far inside float32
-# (weights and values are multiplied in the sums' dtype). Jobs set their own bound.
-DEFAULT_MAX_SAMPLE_COUNT = 10**12
-
-
-@dataclass(frozen=True)
-class ResultRules:
-    """What a result must be to be taken (checked before any of its bytes are).
-
-    `cast_dtypes`: a floating tensor sent in another float dtype (F16 for an F32 model) is cast
-    (True) or refused (False); a result of another kind (int or bool for a float tensor, float for
-    an int one) is always refused. `max_sample_count`: a larger sample_count is refused."""
-
-    cast_dtypes: bool = True
-    max_sample_count: float = DEFAULT_MAX_SAMPLE_COUNT
 
 
 @dataclass
@@ -89,6 +66,12 @@ class ClientRecord:
     joined_at: float = field(default_factory=time.time)
     transfer: TransferProgress | None = None
     last_error: str | None = None
+    # A relay's sites, as its hello and heartbeats list them (None: a site). The task the client
+    # is working on as it last said, and whether it has said (a hello or heartbeat since it
+    # joined): a site whose relay died is sent the task only if it does not hold it already.
+    sites: tuple[str, ...] | None = None
+    working_task: str | None = None
+    state_known: bool = False
 
     @property
     def connected(self) -> bool:
@@ -124,6 +107,9 @@ class Task:
     arrivals: dict[str, asyncio.Future[IncomingTransfer]] = field(default_factory=dict)
     reported_errors: dict[str, asyncio.Future[str]] = field(default_factory=dict)
     resend_asked: set[str] = field(default_factory=set)
+    # What was sent, for the sites of a relay that dies mid-round (sent to them directly).
+    model: FLModel | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class FLServer:
@@ -283,9 +269,8 @@ class FLServer:
         record = self._seen(peer)
         if record is None or kind not in (HELLO, HEARTBEAT, ERROR):
             raise ProtocolViolation(f"unexpected FL request {kind!r} from {peer.node_id!r}")
-        if kind == HEARTBEAT:
-            sent = header.get("sent")
-            record.sent_task = sent if isinstance(sent, str) else None
+        if kind in (HELLO, HEARTBEAT):
+            self._note_state(record, header)
         if kind == ERROR:
             self._client_reported(record.name, header)
         elif kind == HELLO:
@@ -293,6 +278,18 @@ class FLServer:
         if self._stop_reason is not None and kind in (HELLO, HEARTBEAT):
             return {"fl": STOP, "reason": self._stop_reason, "job": self.job}, b""
         return {"fl": kind, "job": self.job}, b""
+
+    @staticmethod
+    def _note_state(record: ClientRecord, header: Mapping[str, Any]) -> None:
+        """What a hello or heartbeat says: a relay's sites, the client's open and sent tasks."""
+        sites = sites_of(header)
+        if sites is not None:
+            record.sites = sites
+        if "task_id" in header or "sent" in header:
+            working, sent = header.get("task_id"), header.get("sent")
+            record.working_task = working if isinstance(working, str) else None
+            record.sent_task = sent if isinstance(sent, str) else None
+            record.state_known = True
 
     def _serve_admin(self, peer: Peer, header: Mapping[str, Any]) -> dict[str, Any]:
         """An admin command (fl/admin.py), from an admin only (AdminRefused otherwise)."""
@@ -342,8 +339,9 @@ class FLServer:
         task_id = task_id or f"{self.job}/{task_name}-{next(self._task_numbers)}"
         if task_id in self.tasks:
             raise ValueError(f"task {task_id!r} is already open")
-        task = Task(task_id, task_name, list(clients))
-        meta = task_meta(task.task_id, task_name, model)
+        self._closed_tasks.discard(task_id)  # sent again on purpose (a restarted upstream)
+        meta = task_meta(task_id, task_name, model)
+        task = Task(task_id, task_name, list(clients), model=model, meta=meta)
         loop = asyncio.get_running_loop()
         for client in task.clients:
             task.arrivals[client] = loop.create_future()
@@ -352,6 +350,14 @@ class FLServer:
         self.tasks[task.task_id] = task
         self._unpark(task)
         return task
+
+    def withdraw(self, task: Task) -> None:
+        """Give up `task` without gathering it: its sends are cancelled (the clients skip it)
+        and no result for it is taken."""
+        for send in task.sends.values():
+            send.cancel()
+        self.tasks.pop(task.task_id, None)
+        self._closed_tasks.add(task.task_id)
 
     def _unpark(self, task: Task) -> None:
         """Hand the task the results that arrived before it was opened; refuse the others."""
@@ -474,6 +480,9 @@ class FLServer:
             for finished in done:
                 pending.pop(finished)
                 results.append(finished.result())
+                for site in self._stranded_sites(task, results[-1], aggregation):
+                    moved = self._collect_moved(task, site, aggregation, rules, on_tensor)
+                    pending[asyncio.ensure_future(moved)] = site
                 if on_result is not None:
                     on_result(results[-1])
             ok_count = sum(result.ok for result in results)
@@ -497,7 +506,7 @@ class FLServer:
             result.bytes_sent = await task.sends[client]
             transfer = await self._await_result(task, client)
             result.info = parse_result(transfer.meta)
-            sink = _sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
+            sink = sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
             progress = self._receiving(client, task.task_id)
             result.value = await transfer.receive_into(sink, progress=progress)
             progress.finish()
@@ -514,6 +523,75 @@ class FLServer:
                 record.last_error, record.transfer = result.error, None
         result.seconds = time.perf_counter() - started
         return result
+
+    def _stranded_sites(
+        self, task: Task, result: ClientResult, aggregation: RoundAggregation | None
+    ) -> list[str]:
+        """The sites of a relay that failed this task, to be gathered directly: those it listed
+        last, less those its partial sum already counted for (some of its tensors were folded
+        before it failed: they count for those, like any upload that fails half way)."""
+        record = self.clients.get(result.client)
+        if result.ok or record is None or not record.sites:
+            return []
+        counted: set[str] = set()
+        partial = result.info.partial if result.info else None
+        contributed = aggregation is not None and any(
+            result.client in names for names in aggregation.all_contributors().values()
+        )
+        if partial is not None and contributed:
+            counted = set(partial.sites)
+        stranded = [s for s in record.sites if s not in task.clients and s not in counted]
+        task.clients += stranded
+        if stranded:
+            log.warning(
+                "relay %s failed task %s; gathering its sites directly: %s",
+                result.client,
+                task.task_id,
+                " ".join(stranded),
+            )
+        return stranded
+
+    async def _collect_moved(
+        self,
+        task: Task,
+        site: str,
+        aggregation: RoundAggregation | None,
+        rules: ResultRules,
+        on_tensor: TensorHook | None,
+    ) -> ClientResult:
+        """A stranded site, once it reached this server (its fallback): sent the task unless it
+        holds it already (working on it, or its result sent: then asked for it again), then
+        gathered like any other."""
+        if not await self._wait_for_state(site, self.heartbeat_timeout):
+            limit = f"{self.heartbeat_timeout:g} s"
+            why = f"its relay failed and it did not reach the server within {limit}"
+            return ClientResult(site, error=why)
+        loop = asyncio.get_running_loop()
+        task.arrivals[site] = loop.create_future()
+        task.reported_errors[site] = loop.create_future()
+        record = self.clients[site]
+        if task.task_id in (record.working_task, record.sent_task):
+            held: asyncio.Future[int] = loop.create_future()
+            held.set_result(0)
+            task.sends[site] = asyncio.ensure_future(held)
+        else:
+            assert task.model is not None
+            task.sends[site] = asyncio.ensure_future(self._send(site, task.model, task.meta, task))
+        self._unpark(task)
+        return await self._collect(task, site, aggregation, rules, on_tensor)
+
+    async def _wait_for_state(self, site: str, within: float) -> bool:
+        """Until `site` is connected here and said which task it holds (False after `within`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while loop.time() < deadline:
+            record = self.clients.get(site)
+            if record is not None and record.connected and record.state_known:
+                return True
+            self._joined.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), min(0.2, deadline - loop.time()))
+        return False
 
     def _receiving(self, client: str, task_id: str) -> TransferProgress:
         progress = TransferProgress("received", task_id)
@@ -557,104 +635,6 @@ class FLServer:
             raise ClientFailed(f"disconnected for more than {self.reconnect_grace:g} s")
         if now - record.last_seen > self.heartbeat_timeout:
             raise ClientFailed(f"no heartbeat for {self.heartbeat_timeout:g} s")
-
-
-def _sink_or_reject(
-    transfer: IncomingTransfer,
-    client: str,
-    info: ResultInfo,
-    aggregation: RoundAggregation | None,
-    rules: ResultRules,
-    on_tensor: TensorHook | None,
-) -> Sink:
-    """The sink for a result, or the result refused (the client sees why) and the error raised."""
-    try:
-        weight = _sample_count(client, info, rules)
-        if aggregation is None:
-            return StateDictSink()
-        _check_manifest(client, transfer, aggregation, rules)
-        return _aggregating_sink(client, weight, info, aggregation, on_tensor)
-    except Exception as error:
-        transfer.reject(f"result refused: {error}")
-        raise
-
-
-def _sample_count(client: str, info: ResultInfo, rules: ResultRules) -> float:
-    """The result's weight: a positive number (not a bool), at most rules.max_sample_count."""
-    try:
-        weight = FLModel(meta=info.meta).sample_count
-    except ValueError as error:
-        raise ValueError(f"{client}'s result: {error}") from None
-    if not weight <= rules.max_sample_count:
-        raise ValueError(
-            f"{client}'s result claims sample_count {weight:g}, above max_sample_count "
-            f"{rules.max_sample_count:g}"
-        )
-    return weight
-
-
-def _aggregating_sink(
-    client: str,
-    weight: float,
-    info: ResultInfo,
-    aggregation: RoundAggregation,
-    on_tensor: TensorHook | None,
-) -> Sink:
-    """A sink that folds each tensor into `aggregation` as it arrives and lets it go."""
-    params_type = info.params_type
-
-    def add(name: str, tensor: Any) -> None:
-        aggregation.add(client, name, tensor, weight, params_type)
-        if on_tensor is not None:
-            on_tensor(client, name, tensor)
-
-    return CallbackSink(add)
-
-
-def _check_manifest(
-    client: str, transfer: IncomingTransfer, aggregation: RoundAggregation, rules: ResultRules
-) -> None:
-    """Refuse, before any byte is taken, a result whose tensors are not the model's: names,
-    shapes, then dtypes (see ResultRules)."""
-    manifest = transfer.manifest
-    received = {s.name: tuple(s.shape) for s in manifest.tensors} if manifest else {}
-    expected = {name: tuple(layout.shape) for name, layout in aggregation.layouts.items()}
-    if received != expected:
-        extra = sorted(set(received) - set(expected))[:3]
-        absent = sorted(set(expected) - set(received))[:3]
-        changed = sorted(n for n in set(received) & set(expected) if received[n] != expected[n])
-        raise ValueError(
-            f"{client}'s result does not match the model: unexpected {extra}, missing "
-            f"{absent}, other shape {changed[:3]}"
-        )
-    assert manifest is not None  # the names matched
-    for spec in manifest.tensors:
-        _check_dtype(client, spec.name, spec.dtype, aggregation.layouts[spec.name].dtype, rules)
-
-
-def _check_dtype(
-    client: str, name: str, got: str, expected: torch.dtype, rules: ResultRules
-) -> None:
-    """A tensor of the model's dtype, or a castable one (see ResultRules); else refused."""
-    dtype = DTYPES.get(got)
-    if dtype == expected:
-        return
-    castable = dtype is not None and _dtype_kind(dtype) == _dtype_kind(expected)
-    if castable and rules.cast_dtypes and _dtype_kind(expected) != "bool":
-        return
-    why = "cast_dtypes is off" if castable else "not castable"
-    raise ValueError(
-        f"{client}'s tensor {name!r} is {got}, the model's is {dtype_name(expected) or expected} "
-        f"({why})"
-    )
-
-
-def _dtype_kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    return "float" if dtype.is_floating_point else "int"
 
 
 def _log_failed_request(asking: asyncio.Future[Any]) -> None:
