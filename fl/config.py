@@ -256,6 +256,10 @@ class RelayConfig(_Strict):
     auth_tokens: list[str] | None = None  # tokens its sites must show
     allowed_clients: list[str] | None = None  # site certificate names (CN); None: any
     insecure: bool = False
+    # A task waits until this many sites are connected (at most site_wait seconds), then goes
+    # to every site connected by then.
+    min_sites: int = Field(1, ge=1)
+    site_wait: float = Field(60.0, ge=0)
     idle_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
     heartbeat_timeout: float = Field(60.0, gt=0)

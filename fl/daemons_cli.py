@@ -173,6 +173,36 @@ def client(
 
 
 @fl_app.command()
+def relay(
+    config: ConfigOption = None,
+    name: Annotated[str | None, typer.Option(help="this relay's name (its node id)")] = None,
+    upstream: Annotated[
+        str | None, typer.Option(help="the server's (or parent relay's) URL")
+    ] = None,
+    listen: Annotated[
+        list[str] | None, typer.Option(help="URL its sites dial (repeatable)")
+    ] = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    log_format: LogFormatOption = "kv",
+    log_level: LogLevelOption = "INFO",
+    debug: DebugOption = False,
+) -> None:
+    """Forward the server's tasks to a group of sites and send one partial sum of their results
+    upstream; SIGTERM stops it (its sites turn to their fallbacks)."""
+    overrides = {"name": name, "upstream": upstream, "listen": listen or None}
+    from fl.config import RelayConfig, load_daemon_config
+    from fl.relay import run_relay_daemon
+
+    with fatal_errors("relay", debug):
+        setup_logging(log_format, log_level)
+        settings = load_daemon_config(RelayConfig, config, overrides)
+        ops = start_ops(metrics_port, metrics_host)
+        status = run_relay_daemon(settings, ops)
+    raise typer.Exit(status)
+
+
+@fl_app.command()
 def demo(
     rounds: Annotated[int, typer.Option(min=1, help="FedAvg rounds")] = 3,
     model_size: Annotated[str, typer.Option(help="bytes streamed per model, e.g. 1GiB")] = "1GiB",
