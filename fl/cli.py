@@ -15,6 +15,7 @@ from fl.admin import register_admin_commands
 from fl.cli_certs import certs_app
 from fl.cli_ops import QuietOption, register_ops_commands
 from fl.daemons_cli import client as fl_client
+from fl.daemons_cli import relay as fl_relay
 from fl.daemons_cli import run_demo_command
 from fl.daemons_cli import server as fl_server
 
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.command(name="server")(fl_server)
 app.command(name="client")(fl_client)
+app.command(name="relay")(fl_relay)
 register_ops_commands(app)
 register_admin_commands(app)
 

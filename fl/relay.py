@@ -216,12 +216,16 @@ class Relay:
             raise
         partial = partial_sum_of(outcome.weights, outcome.clients, results)
         result = FLModel(
-            params=SafetensorsSource(files.partial),
+            params=SafetensorsSource(files.partial, chunk_size=self._chunk_size()),
             params_type=outcome.mode,
             metrics=mean_metrics(delivered),
             meta={"sample_count": partial.weight},
         )
         await self.client.send_async(result, partial=partial)
+
+    def _chunk_size(self) -> int:
+        """The relay's own chunk size for what it sends upstream (as its endpoint would)."""
+        return upstream_settings(self.config).endpoint_config().chunk_size
 
 
 def partial_sum_of(
