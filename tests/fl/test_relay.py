@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ SITE_SCRIPT = Path(__file__).parent / "scripts" / "relay_site.py"
 FAST = "heartbeat_interval = 0.2\nidle_timeout = 20\nconnect_timeout = 60\n"
 
 pytestmark = pytest.mark.timeout(180)
+OPS_URLS: dict[int, str] = {}  # a daemon's ops server, by pid, as it printed it
 
 
 def initial_model() -> dict[str, torch.Tensor]:
@@ -57,9 +59,7 @@ class Fleet:
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [*CLI, *args], env=env or ENV, stdout=subprocess.PIPE, text=True
-        )
+        process = subprocess.Popen([*CLI, *args], env=env or ENV, stdout=subprocess.PIPE, text=True)
         self.processes.append(process)
         return process
 
@@ -75,14 +75,16 @@ class Fleet:
         process = self.start("server", "--config", str(config))
         return process, listening_url(process)
 
-    def relay(self, name: str, upstream: str, sites: int) -> tuple[subprocess.Popen[str], str]:
+    def relay(
+        self, name: str, upstream: str, sites: int, *options: str
+    ) -> tuple[subprocess.Popen[str], str]:
         config = self.root / f"{name}.toml"
         config.write_text(
             f'name = "{name}"\nupstream = "{upstream}"\nlisten = ["tcp://127.0.0.1:0"]\n'
             f'state_dir = "{self.root / name}"\nmin_sites = {sites}\nsite_wait = 60\n'
             f"reconnect_grace = 1\nheartbeat_timeout = 20\n{FAST}"
         )
-        process = self.start("relay", "--config", str(config))
+        process = self.start("relay", "--config", str(config), *options)
         return process, listening_url(process)
 
     def site(
@@ -116,6 +118,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def listening_url(process: subprocess.Popen[str]) -> str:
     assert process.stdout is not None
     for line in process.stdout:
+        if "metrics and health on" in line:
+            OPS_URLS[process.pid] = line.split("health on ")[1].split()[0].removesuffix("/metrics")
         if "listening on" in line:
             return line.split("listening on ")[1].split()[0].rstrip(",")
     raise AssertionError(f"{process.args} printed no URL (exit {process.wait()})")
@@ -143,9 +147,14 @@ def assert_flat_fedavg(final: dict[str, torch.Tensor], expected: dict[str, torch
 def test_a_relay_gives_flat_fedavg(fleet: Fleet, mode: str) -> None:
     model, path = model_file(fleet.root)
     server, server_url = fleet.server(direct_peers=2, model=path)
-    relay, relay_url = fleet.relay("relay-a", server_url, sites=3)
+    relay, relay_url = fleet.relay("relay-a", server_url, 3, "--metrics-port", "0")
+    ops = OPS_URLS[relay.pid]
+    assert urlopen(f"{ops}/healthz", timeout=10).status == 200
     sites = [fleet.site(i, relay_url, mode) for i in range(3)]
     direct = fleet.site(3, server_url, mode)
+    status = json.load(urlopen(f"{ops}/status.json", timeout=10))
+    assert status["job"]["name"] == "relay-relay-a"
+    assert "tensorwire_" in urlopen(f"{ops}/metrics", timeout=10).read().decode()
     assert_flat_fedavg(finished(fleet, server), flat_fedavg(model, [0, 1, 2, 3]))
     assert [site.wait(timeout=30) for site in [*sites, direct]] == [0, 0, 0, 0]
     assert relay.wait(timeout=30) == 0  # the job's end reached it, and through it its sites
@@ -159,6 +168,16 @@ def test_chained_relays_give_flat_fedavg(fleet: Fleet) -> None:
     sites = [fleet.site(0, parent_url, "FULL"), *(fleet.site(i, child_url, "DIFF") for i in (1, 2))]
     assert_flat_fedavg(finished(fleet, server), flat_fedavg(model, [0, 1, 2]))
     assert [process.wait(timeout=30) for process in [*sites, child, parent]] == [0] * 5
+
+
+def test_a_site_that_fails_behind_a_relay_fails_alone(fleet: Fleet) -> None:
+    model, path = model_file(fleet.root)
+    server, server_url = fleet.server(direct_peers=1, model=path)
+    relay, relay_url = fleet.relay("relay-a", server_url, sites=3)
+    [fleet.site(i, relay_url, "FULL") for i in (0, 2)]
+    fleet.site(1, relay_url, "FAIL")
+    assert_flat_fedavg(finished(fleet, server), flat_fedavg(model, [0, 2]))
+    assert relay.wait(timeout=30) == 0
 
 
 def test_a_relay_killed_mid_round_leaves_its_sites_to_the_server(fleet: Fleet) -> None:

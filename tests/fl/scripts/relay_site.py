@@ -3,6 +3,8 @@ argument) returns received + (i + 1) / 4 (FULL) or just (i + 1) / 4 (DIFF, secon
 sample_count i + 1, so every weighted sum is exact in float32 and the final model can be compared
 bit for bit with flat FedAvg computed directly.
 
+Mode FAIL raises once the model is in: the site reports the task failed.
+
 With RELAY_SITE_GATE set to a folder, the site writes `<gate>/received-<i>` once it holds the
 model and waits for `<gate>/go` before it sends its result (the test kills a relay meanwhile).
 """
@@ -41,6 +43,8 @@ def main() -> None:
     while flare.is_running():
         received = flare.receive()
         assert isinstance(received.params, dict)
+        if mode == "FAIL":
+            raise RuntimeError(f"site {site} failed on purpose")
         wait_at_gate(site)
         step = delta(site)
         if mode == "DIFF":
