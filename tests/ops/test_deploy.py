@@ -13,13 +13,14 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from fl.cli import app
-from fl.config import ClientConfig, ServerConfig, load_config
+from fl.config import ClientConfig, RelayConfig, ServerConfig, load_config
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -28,6 +29,14 @@ HELP_ENV = {"COLUMNS": "200", "NO_COLOR": "1"}  # wide help: no flag is cut shor
 HEALTH_PATHS = {"/healthz", "/readyz", "/metrics"}
 # The kinds that run the daemons' pods (deploy/k8s runs them as Jobs: a finished daemon exits 0).
 WORKLOADS = ("Deployment", "Job")
+
+
+def config_kind(name: str) -> type[ServerConfig | RelayConfig | ClientConfig]:
+    """What a configuration file (or ConfigMap entry) configures, by its name."""
+    stem = Path(name).stem
+    if stem == "server":
+        return ServerConfig
+    return RelayConfig if stem.startswith("relay") else ClientConfig
 
 
 def files(pattern: str) -> list[Path]:
@@ -52,16 +61,14 @@ def test_yaml_parses(path: Path) -> None:
 def test_example_configs_are_valid_daemon_configs(path: Path) -> None:
     if path.suffix == ".toml":
         assert tomllib.loads(path.read_text())
-    kind = ServerConfig if path.stem == "server" else ClientConfig
-    load_config(kind, path)  # ConfigFileError names the field otherwise
+    load_config(config_kind(path.name), path)  # ConfigFileError names the field otherwise
 
 
 def test_k8s_configmap_holds_valid_configs(tmp_path: Path) -> None:
     (configmap,) = yaml_documents(DEPLOY / "k8s" / "config.yaml")
     for name, text in configmap["data"].items():
-        kind = ServerConfig if name.startswith("server") else ClientConfig
         (tmp_path / name).write_text(text)
-        load_config(kind, tmp_path / name)
+        load_config(config_kind(name), tmp_path / name)
 
 
 def test_k8s_objects_are_well_formed() -> None:
@@ -140,6 +147,54 @@ def test_dockerfile_structure() -> None:
     for name, args in instructions:
         if name in ("ENTRYPOINT", "CMD"):
             json.loads(args)  # exec form: signals reach tensorwire, not a shell
+
+
+def test_example_configs_show_a_relay_and_a_site_behind_it() -> None:
+    """relay.toml dials the server; a site dials the relay and falls back to the server."""
+    config = DEPLOY / "config"
+    server = load_config(ServerConfig, config / "server.toml")
+    relay = load_config(RelayConfig, config / "relay.toml")
+    server_ports = {urlsplit(url).port for url in server.listen}
+    relay_ports = {urlsplit(url).port for url in relay.listen}
+    assert urlsplit(relay.upstream).port in server_ports
+    sites = [load_config(ClientConfig, p) for p in files("config/site-*")]
+    behind = [site for site in sites if urlsplit(site.server).port in relay_ports]
+    assert behind, "no example site dials the relay"
+    for site in behind:
+        assert site.fallbacks, f"{site.site}: nowhere to turn when the relay dies"
+        assert {urlsplit(url).port for url in site.fallbacks} <= server_ports, site.site
+        assert relay.allowed_clients is None or site.site in relay.allowed_clients
+
+
+def test_compose_puts_the_relay_between_the_server_and_a_site() -> None:
+    """The relay's upstream is the server service; a site dials the relay's service and falls
+    back to the server's; the relay's certificate names the host its site dials."""
+    (compose,) = yaml_documents(DEPLOY / "docker" / "compose.yaml")
+    services = compose["services"]
+    by_command = {name: service["command"] for name, service in services.items()}
+    (server,) = [name for name, argv in by_command.items() if argv[0] == "server"]
+    (relay,) = [name for name, argv in by_command.items() if argv[0] == "relay"]
+    upstream = urlsplit(_flag(by_command[relay], "--upstream"))
+    assert upstream.hostname == server
+    behind = [
+        name
+        for name, argv in by_command.items()
+        if argv[0] == "client" and urlsplit(_flag(argv, "--server")).hostname == relay
+    ]
+    assert behind, "no compose site dials the relay"
+    for name in behind:
+        fallbacks = json.loads(services[name]["environment"]["TENSORWIRE_FALLBACKS"])
+        assert [urlsplit(url).hostname for url in fallbacks] == [server], name
+        assert relay in services[name]["depends_on"], name
+    issued = [argv for argv in by_command.values() if argv[:2] == ["certs", "issue"]]
+    relay_name = load_config(RelayConfig, DEPLOY / "config" / "relay.toml").name
+    (issue,) = [argv for argv in issued if argv[2] == relay_name]
+    assert _flag(issue, "--host") == relay, "the relay's certificate must name its service"
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    assert flag in argv, f"no {flag} in {argv}"
+    return argv[argv.index(flag) + 1]
 
 
 def test_compose_images_are_pinned() -> None:

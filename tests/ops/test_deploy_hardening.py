@@ -94,6 +94,23 @@ def test_client_units_differ_per_instance() -> None:
     assert not re.search(r"--metrics-port \d", exec_start)
 
 
+def test_units_that_may_share_a_host_have_their_own_metrics_ports() -> None:
+    """A relay may run beside a server or beside sites (a site's gateway machine): the server's
+    and the relay's fixed metrics ports differ from each other and from the client instances'
+    example ports (the client unit's comments: /etc/tensorwire/<site>.env)."""
+    fixed = {}
+    for name in ("tensorwire-server.service", "tensorwire-relay.service"):
+        exec_start = systemd_unit(DEPLOY / "systemd" / name)["Service"]["ExecStart"]
+        found = re.search(r"--metrics-port (\d+)", exec_start)
+        assert found, f"{name}: no fixed --metrics-port"
+        fixed[name] = int(found.group(1))
+    client_unit = (DEPLOY / "systemd" / "tensorwire-client@.service").read_text()
+    examples = {int(port) for port in re.findall(r"TENSORWIRE_METRICS_PORT=(\d+)", client_unit)}
+    assert examples, "the client unit shows no example ports"
+    assert len(set(fixed.values())) == len(fixed), fixed
+    assert not set(fixed.values()) & examples, (fixed, examples)
+
+
 # --- Kubernetes ----------------------------------------------------------------------------------
 
 
@@ -130,7 +147,7 @@ def test_pods_meet_pod_security_restricted() -> None:
         for container in pod["containers"] + pod.get("initContainers", []):
             check_container(f"{name}/{container['name']}", container)
             checked += 1
-    assert checked >= 3  # the server and two sites
+    assert checked >= 4  # the server, a relay and two sites
 
 
 def check_container(where: str, container: dict[str, Any]) -> None:
