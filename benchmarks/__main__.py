@@ -20,6 +20,7 @@ BENCHMARKS = {
     "table": "every driver with TLS off and on against its bare transport; writes README table",
     "compress": "per-chunk compression: ratio and MB/s, plain vs byte-grouped zstd",
     "fl-memory": "FL server peak RSS and anonymous memory over a job, sampled from outside",
+    "fanout": "one FedAvg round to N sites behind a rate-limited uplink, direct or via relays",
 }
 
 

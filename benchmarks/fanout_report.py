@@ -1,0 +1,160 @@
+"""The fan-out results as a markdown table and a plot of round time against the number of sites.
+
+    python -m benchmarks.fanout_report benchmarks/results/fanout-*.json \\
+        --plot benchmarks/results/fanout-round-time.png
+
+Reads the JSON files `python -m benchmarks fanout` wrote, prints one table row per run (sorted by
+mode, then sites) and, with matplotlib, plots the round time (send and gather stacked) against N
+for direct and relayed runs, with each design's floor (2N or 2R models through the server's link
+at its goodput, 1448 of every 1514 bytes) as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load", "main", "plot", "table"]
+
+_COLUMNS = (
+    "mode",
+    "sites",
+    "relays",
+    "send s",
+    "gather s",
+    "round s",
+    "server egress (models, transport)",
+    "egress (interface)",
+    "ingress (interface)",
+    "uplink max / rate (1 s)",
+    "server RSS +MiB",
+    "relay RSS +MiB (max)",
+    "site RSS +MiB (max)",
+    "FedAvg match (max abs err)",
+    "load before / after",
+)
+
+
+def load(paths: list[Path]) -> list[dict[str, Any]]:
+    """The runs, direct first, then by sites."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    runs = [run for run in runs if "round_seconds" in run]
+    return sorted(runs, key=lambda run: (run["mode"] != "direct", run["clients"], run["relays"]))
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for run in runs:
+        rss = run["rss"]
+        fedavg = run["fedavg"]
+        cells = [
+            run["mode"],
+            str(run["clients"]),
+            str(run["relays"]),
+            f"{run['send_seconds']:.1f}",
+            f"{run['gather_seconds']:.1f}",
+            f"**{run['round_seconds']:.1f}**",
+            f"{run['server_model_sends']:.2f}",
+            f"{run['server_egress_models']:.2f}",
+            f"{run['server_ingress_models']:.2f}",
+            f"{run['uplink_check']['max_egress_over_rate']:.3f}",
+            f"{rss['server']['peak_above_baseline_mib']:,.0f}",
+            f"{rss['relay_max_above_baseline_mib']:,.0f}"
+            if "relay_max_above_baseline_mib" in rss
+            else "-",
+            f"{rss['sites']['max_peak_above_baseline_mib']:,.0f}",
+            f"{'yes' if fedavg['matches'] else 'NO'} ({fedavg.get('max_abs_error', 0):.1e})",
+            f"{run['load_before'].split()[0]} / {run['load_after'].split()[0]}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> str:
+    """Round time (send and gather stacked) against sites, one bar group per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib is not installed"
+    sites = sorted({run["clients"] for run in runs})
+    modes = [mode for mode in ("direct", "relayed") if any(run["mode"] == mode for run in runs)]
+    width = 0.8 / max(1, len(modes))
+    figure, axes = plt.subplots(figsize=(9, 5))
+    colours = {"direct": ("tab:blue", "lightsteelblue"), "relayed": ("tab:green", "lightgreen")}
+    for offset, mode in enumerate(modes):
+        by_sites = {run["clients"]: run for run in runs if run["mode"] == mode}
+        xs = [index + (offset - (len(modes) - 1) / 2) * width for index, n in enumerate(sites)]
+        send = [by_sites[n]["send_seconds"] if n in by_sites else 0 for n in sites]
+        gather = [by_sites[n]["gather_seconds"] if n in by_sites else 0 for n in sites]
+        dark, light = colours[mode]
+        axes.bar(xs, send, width, color=dark, label=f"{mode}: send")
+        axes.bar(xs, gather, width, bottom=send, color=light, label=f"{mode}: gather")
+        for x, n in zip(xs, sites, strict=True):
+            if n in by_sites:
+                run = by_sites[n]
+                label = f"{run['round_seconds']:.0f} s"
+                if mode == "relayed":
+                    label += f"\n{run['relays']} relays"
+                axes.annotate(
+                    label,
+                    (x, run["round_seconds"]),
+                    ha="center",
+                    va="bottom",
+                    fontsize="small",
+                )
+    first = runs[0]
+    # TCP/IP headers: 1448 payload bytes per 1514 on the wire.
+    goodput = first["uplink"]["rate_bps"] / 8 * 1448 / 1514
+    model = first["model_bytes"]
+    for mode in modes:
+        peers = [n if mode == "direct" else _relays_for(runs, n) for n in sites]
+        axes.plot(
+            range(len(sites)),
+            [2 * count * model / goodput for count in peers],
+            linestyle="--" if mode == "direct" else ":",
+            color=colours[mode][0],
+            label=f"{mode}: floor, {'2N' if mode == 'direct' else '2R'} models through the "
+            "server's link",
+        )
+    axes.set_xticks(range(len(sites)), [str(n) for n in sites])
+    axes.set(
+        xlabel="sites (N)",
+        ylabel="seconds",
+        title=f"One FedAvg round, {first['model_size']} float32 model, server uplink "
+        f"{first['uplink']['rate']}",
+    )
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path)
+
+
+def _relays_for(runs: list[dict[str, Any]], sites: int) -> int:
+    relayed = [
+        run["relays"] for run in runs if run["mode"] == "relayed" and run["clients"] == sites
+    ]
+    return relayed[0] if relayed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
+    args = parser.parse_args(argv)
+    runs = load(args.files)
+    if not runs:
+        raise SystemExit("fanout_report: no completed runs in those files")
+    print(table(runs))
+    if args.plot is not None:
+        print(f"\nplot: {plot(runs, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
