@@ -40,6 +40,7 @@ class Kind(enum.StrEnum):
 
     server = "server"
     client = "client"
+    relay = "relay"  # serves its sites and connects upstream with the same certificate
 
 
 @certs_app.command()
@@ -109,7 +110,7 @@ def issue(
             ca,
             out or ca_dir,
             name,
-            kind="server" if kind is Kind.server else "client",
+            kind=kind.value,
             hosts=host or None,
             days=days,
             overwrite=overwrite,

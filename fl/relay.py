@@ -330,6 +330,7 @@ def run_relay_daemon(config: RelayConfig, ops: Any = None) -> int:
 async def serve_relay(config: RelayConfig, ops: Any = None) -> int:
     from fl.cli_ops import say
     from fl.client_settings import NotAdmitted, ServerLost
+    from fl.daemons import _ignore_sighup
     from fl.exit_codes import EXIT_NOT_ADMITTED, EXIT_OK, EXIT_SERVER_LOST
     from fl.status import follow_job
 
@@ -340,6 +341,8 @@ async def serve_relay(config: RelayConfig, ops: Any = None) -> int:
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, job.cancel)
+    # As the other daemons: the configuration is read once, so SIGHUP is logged and ignored.
+    loop.add_signal_handler(signal.SIGHUP, _ignore_sighup, "relay")
     # Said once the signals are handled (whoever waits for this line may signal at once), and
     # before the upstream is joined: sites may connect first.
     say(

@@ -221,6 +221,22 @@ def test_leaf_certificates_carry_name_purpose_and_key_ids(
     assert extension(leaf, x509.SubjectKeyIdentifier).value.digest != ca_key_id
 
 
+def test_a_relay_certificate_serves_and_connects_with_one_key(pki: Path) -> None:
+    """A relay shows the same certificate to its sites and to its upstream."""
+    issue_certificate(
+        CertificateFiles.named(pki, "ca"), pki, "relay-eu", kind="relay", hosts=["relay.eu"]
+    )
+    leaf = load(pki / "relay-eu.pem")
+    leaf.verify_directly_issued_by(load(pki / "ca.pem"))
+    assert list(extension(leaf, x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
+    names = extension(leaf, x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["relay.eu"]
+    assert server_tls(pki, "relay-eu").cert_file == client_tls(pki, "relay-eu").cert_file
+
+
 def test_server_certificate_names_dns_names_and_ip_addresses(tmp_path: Path) -> None:
     create_pki(tmp_path, server_hosts=["fl.example.org", "10.0.0.5", "[fd00::1]"], clients=[])
     names = extension(load(tmp_path / "server.pem"), x509.SubjectAlternativeName).value

@@ -48,7 +48,8 @@ __all__ = [
     "tls_config_for",
 ]
 
-CertificateKind = Literal["server", "client"]
+# A relay (fl/relay.py) serves its sites and connects upstream with one certificate: both.
+CertificateKind = Literal["server", "client", "relay"]
 DEFAULT_SERVER_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_DAYS = 825
 """The longest validity that browsers and Apple platforms still accept for a leaf certificate."""
@@ -278,15 +279,17 @@ def _leaf_builder(
 ) -> x509.CertificateBuilder:
     # A certificate cannot be trusted beyond its CA's lifetime, so do not pretend it can.
     end = min(end, ca_certificate.not_valid_after_utc)
-    purpose = (
-        ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    purposes = {
+        "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+        "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+        "relay": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    }[kind]
     ca_key_id = ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     return (
         _builder(subject, ca_certificate.subject, key.public_key(), start, end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(ca=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id.value),
             critical=False,
@@ -328,11 +331,11 @@ def _alternative_names(
     hosts: Sequence[str] | None, kind: CertificateKind
 ) -> list[x509.GeneralName]:
     if hosts is None:
-        hosts = DEFAULT_SERVER_HOSTS if kind == "server" else ()
+        hosts = DEFAULT_SERVER_HOSTS if kind != "client" else ()
     if isinstance(hosts, str):
         raise ConfigError(f"hosts must be a sequence of host names, got the string {hosts!r}")
-    if kind == "server" and not hosts:
-        raise ConfigError("a server certificate needs at least one host name or IP address")
+    if kind != "client" and not hosts:
+        raise ConfigError(f"a {kind} certificate needs at least one host name or IP address")
     return [_general_name(host) for host in hosts]
 
 
@@ -386,8 +389,8 @@ def _check_common_name(common_name: str) -> None:
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in ("server", "client"):
-        raise ConfigError(f"bad certificate kind {kind!r}: expected 'server' or 'client'")
+    if kind not in ("server", "client", "relay"):
+        raise ConfigError(f"bad certificate kind {kind!r}: expected 'server', 'client' or 'relay'")
 
 
 def _refuse_to_overwrite(targets: Sequence[CertificateFiles], overwrite: bool) -> None:
