@@ -260,6 +260,9 @@ class RelayConfig(_Strict):
     # to every site connected by then.
     min_sites: int = Field(1, ge=1)
     site_wait: float = Field(60.0, ge=0)
+    # Chunk compression on both hops: "auto" compresses when the measured link is slower than
+    # the codec (transport's EndpointConfig.compression); "off" on links faster than the CPU.
+    compression: Literal["auto", "on", "off"] = "auto"
     idle_timeout: float = Field(120.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
     heartbeat_timeout: float = Field(60.0, gt=0)

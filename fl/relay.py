@@ -66,6 +66,7 @@ def relay_endpoint_config(config: RelayConfig) -> EndpointConfig:
         tls=server_tls(Path(config.pki_dir), config.name) if config.pki_dir else None,
         auth_tokens=frozenset(tokens) if tokens else None,
         allowed_identities=frozenset(allowed) if allowed else None,
+        compression=config.compression,
     )
 
 
@@ -80,6 +81,7 @@ def upstream_settings(config: RelayConfig) -> ClientSettings:
         heartbeat_interval=config.heartbeat_interval,
         connect_timeout=config.connect_timeout,
         idle_timeout=config.idle_timeout,
+        endpoint_overrides={"compression": config.compression},
     )
 
 
