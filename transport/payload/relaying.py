@@ -30,11 +30,9 @@ from transport.exceptions import PayloadError
 from transport.payload.manifest import Manifest
 from transport.payload.plan import Chunk, Piece
 from transport.payload.sinks import SafetensorsFileSink, safetensors_file_header
-from transport.payload.sources import Source
+from transport.payload.sources import Source, drop_pages
 
 __all__ = ["RelayFile"]
-
-_PAGE = mmap.PAGESIZE
 
 
 class RelayFile:
@@ -182,12 +180,8 @@ class RelaySource(Source):
         if self._map is None:
             return
         for piece in chunk.pieces:  # the file orders tensors its own way: piece by piece
-            begin = self._starts[piece.tensor] + piece.start
-            start = -(-begin // _PAGE) * _PAGE  # whole pages only: a neighbour may be in flight
-            stop = (self._starts[piece.tensor] + piece.stop) // _PAGE * _PAGE
-            if stop > start:
-                with contextlib.suppress(OSError, ValueError):
-                    self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            start = self._starts[piece.tensor]
+            drop_pages(self._map, start + piece.start, start + piece.stop)
 
     def close(self) -> None:
         if self._view is not None:

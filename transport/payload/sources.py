@@ -100,6 +100,17 @@ class Source(ABC):
         self.close()
 
 
+def drop_pages(mapped: mmap.mmap, start: int, stop: int) -> None:
+    """madvise(DONTNEED) the whole pages inside [start, stop) of a shared read-only map: they
+    leave this process's RSS and are read again from the page cache if touched. Pages at the
+    edges are kept: a neighbouring chunk may still be in flight."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = stop // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        with contextlib.suppress(OSError, ValueError):  # a closed map: nothing left to drop
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def _nothing() -> None:
     """What stops a callback that is never called."""
 
@@ -360,6 +371,14 @@ class SafetensorsSource(Source):
             number, base = self._places[piece.tensor]
             views.append(self._views[number][base + piece.start : base + piece.stop])
         return views
+
+    def release(self, chunk: Chunk) -> None:
+        """Let the chunk's pages go from this process: a model sent from a file would otherwise
+        stay mapped, its whole size counted in the sender's RSS. The page cache keeps them."""
+        for piece in chunk.pieces:
+            number, base = self._places[piece.tensor]
+            if number < len(self._maps):
+                drop_pages(self._maps[number], base + piece.start, base + piece.stop)
 
     def close(self) -> None:
         """Unmap the files; a map still exported by a live view is left for the GC to close."""
