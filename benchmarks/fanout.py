@@ -71,7 +71,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SERVER_PORT = 8765
 RELAY_PORT = 8770
 IDLE_TIMEOUT = 300.0  # a loaded 2-core machine: generous
-HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_INTERVAL = 5.0  # the daemons' default: a site fails over after 3 unanswered (15 s)
 MIB = 2**20
 
 
@@ -332,9 +332,17 @@ def _figures(
                 "received_s": round(site["received_at"] - start, 3),
                 "sent_s": round(site["sent_at"] - start, 3),
                 "sample_count": site["sample_count"],
+                "tasks": site["tasks"],
+                "failovers_s": [round(at - start, 2) for at in site["failovers"]],
             }
             for site in sites
         ],
+        "site_failovers": sum(len(site["failovers"]) for site in sites),
+        "site_warnings": sorted(
+            (round(at - start, 2), f"site-{site['site']}: {text}")
+            for site in sites
+            for at, text in site["warnings"]
+        )[:40],
         "server_egress_busy_s": _busy_span(sampler.timeline, start, 2, net.uplink.rate_bps),
         "server_ingress_busy_s": _busy_span(sampler.timeline, start, 3, net.downlink.rate_bps),
         "egress_timeline": [
@@ -342,6 +350,34 @@ def _figures(
         ],
     }
     figures["rss"] = _rss(fleet, reports, sites, server, relays_listening, site_pids, model)
+    figures["cpu"] = _cpu(fleet, site_pids, start, end)
+    return figures
+
+
+def _cpu(fleet: Fleet, site_pids: dict[int, int], start: float, end: float) -> dict[str, Any]:
+    """CPU seconds over the round: this run's processes by role, and the whole machine's (busy,
+    of which softirq: the kernel's packet work, bridge and tbf included). `others` is what the
+    machine was busy with beyond this run's processes and softirq (other jobs, this parent)."""
+    watch = fleet.rss
+    server = watch.cpu_seconds(fleet.processes[fleet.names.index("server")].pid, start, end)
+    relays = sum(watch.cpu_seconds(relay.pid, start, end) for relay in fleet.relays)
+    sites = sum(watch.cpu_seconds(pid, start, end) for pid in site_pids.values())
+    machine = watch.machine_seconds(start, end)
+    cores = os.cpu_count() or 1
+    figures: dict[str, Any] = {
+        "server_s": round(server, 2),
+        "relays_s": round(relays, 2),
+        "sites_s": round(sites, 2),
+        "machine": machine,
+        "cores": cores,
+    }
+    if machine:
+        ours = server + relays + sites
+        figures["others_s"] = round(machine["busy"] - machine["softirq"] - ours, 2)
+        figures["machine_busy_fraction"] = round(
+            machine["busy"] / max(1e-9, machine["busy"] + machine["idle"]), 3
+        )
+        figures["ours_fraction_of_machine"] = round(ours / (cores * max(end - start, 1e-9)), 3)
     return figures
 
 
@@ -492,6 +528,10 @@ def format_human(result: dict[str, Any]) -> str:
         f"RSS above baseline MiB: server {result['rss']['server']['peak_above_baseline_mib']}, "
         f"relays {result['rss'].get('relay_max_above_baseline_mib', '-')}, sites max "
         f"{result['rss']['sites']['max_peak_above_baseline_mib']}",
+        f"CPU s in the round: server {result['cpu']['server_s']}, relays "
+        f"{result['cpu']['relays_s']}, sites {result['cpu']['sites_s']}, others "
+        f"{result['cpu'].get('others_s', '-')}; machine busy "
+        f"{result['cpu'].get('machine_busy_fraction', '-')}",
         f"FedAvg matches flat FedAvg: {fedavg['matches']} (max abs error "
         f"{fedavg.get('max_abs_error', float('nan')):.3g}, tolerance "
         f"{fedavg.get('tolerance', float('nan')):.3g})",

@@ -12,6 +12,9 @@ sampled from outside, and one wait on all of them that ends at the first failure
 - `RssWatch` reads /proc/<pid>/statm of every process it is given, every 10 ms, from the parent
   (processes join as they are started): the resident set, and its anonymous part (resident less
   shared: what is not page cache of mapped files, e.g. a relay's model file and sums file).
+  Every 0.5 s it also reads each process's CPU time (/proc/<pid>/stat) and the machine's
+  (/proc/stat), so a run can tell how much of the two cores its own processes used, how much
+  the kernel's packet work (softirq) did, and how much was left to everything else.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = ["Fleet", "RelayDaemon", "RssWatch", "listening"]
 
 REPO = Path(__file__).resolve().parent.parent
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICK = os.sysconf("SC_CLK_TCK")
+_CPU_EVERY_S = 0.5
 _MIB = 2**20
 
 
@@ -43,6 +48,8 @@ class RssWatch:
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
         self._timelines: dict[int, list[tuple[float, int, int]]] = {}  # (time, rss, anon)
+        self._cpu: dict[int, list[tuple[float, float]]] = {}  # (time, CPU seconds)
+        self.machine_cpu: list[tuple[float, dict[str, float]]] = []  # (time, /proc/stat)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fanout-rss", daemon=True)
@@ -51,16 +58,21 @@ class RssWatch:
     def add(self, pid: int) -> None:
         with self._lock:
             self._timelines.setdefault(pid, [])
+            self._cpu.setdefault(pid, [])
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
     def _run(self) -> None:
+        cpu_read_at = 0.0
         while not self._stop.is_set():
             with self._lock:
                 watched = list(self._timelines.items())
             now = time.time()
+            if now - cpu_read_at >= _CPU_EVERY_S:
+                cpu_read_at = now
+                self._read_cpu(now, [pid for pid, _ in watched])
             for pid, timeline in watched:
                 sample = _resident_bytes(pid)
                 if sample is not None and (
@@ -68,6 +80,35 @@ class RssWatch:
                 ):
                     timeline.append((now, *sample))
             self._stop.wait(self.interval)
+
+    def _read_cpu(self, now: float, pids: list[int]) -> None:
+        for pid in pids:
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                self._cpu[pid].append((now, seconds))
+        machine = _machine_cpu()
+        if machine is not None:
+            self.machine_cpu.append((now, machine))
+
+    def cpu_seconds(self, pid: int, start: float, finish: float) -> float:
+        """CPU seconds process `pid` used between the samples nearest inside [start, finish]
+        (its last sample, if it ended before `finish`)."""
+        timeline = self._cpu.get(pid, [])
+        inside = [seconds for at, seconds in timeline if start <= at <= finish]
+        before = [seconds for at, seconds in timeline if at < start]
+        if not inside:
+            return 0.0
+        return inside[-1] - (before[-1] if before else inside[0])
+
+    def machine_seconds(self, start: float, finish: float) -> dict[str, float]:
+        """The machine's CPU seconds by kind (busy, of which softirq; idle) over [start, finish]."""
+        inside = [(at, cpu) for at, cpu in self.machine_cpu if start <= at <= finish]
+        before = [cpu for at, cpu in self.machine_cpu if at < start]
+        if not inside:
+            return {}
+        first = before[-1] if before else inside[0][1]
+        last = inside[-1][1]
+        return {kind: round(last[kind] - first[kind], 2) for kind in last}
 
     def window(self, pid: int, baseline_at: float, start: float, finish: float) -> dict[str, float]:
         """MiB: the RSS at `baseline_at` (the last sample before it), the peak within
@@ -111,6 +152,28 @@ def sockets(pid: int, port: int, state: str) -> int:
             if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process `pid` (and of its waited-for children: none here), seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _machine_cpu() -> dict[str, float] | None:
+    """All CPUs' seconds from /proc/stat: busy (all but idle and iowait), softirq, idle."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    busy = user + nice + system + irq + softirq + steal
+    return {"busy": busy / _TICK, "softirq": softirq / _TICK, "idle": (idle + iowait) / _TICK}
 
 
 def listening(pid: int, port: int) -> bool:

@@ -5,8 +5,9 @@
 
 Reads the JSON files `python -m benchmarks fanout` wrote, prints one table row per run (sorted by
 mode, then sites) and, with matplotlib, plots the round time (send and gather stacked) against N
-for direct and relayed runs, with each design's floor (2N or 2R models through the server's link
-at its goodput, 1448 of every 1514 bytes) as a line.
+for direct and relayed runs, with each design's send floor (N or R models through the server's
+uplink at its goodput, 1448 of every 1514 bytes) as a line. (No such floor is drawn for the whole
+round: the results come back on the other direction of the link while the model still goes out.)
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str:
         peers = [n if mode == "direct" else _relays_for(runs, n) for n in sites]
         axes.plot(
             range(len(sites)),
-            [2 * count * model / goodput for count in peers],
+            [count * model / goodput for count in peers],
             linestyle="--" if mode == "direct" else ":",
             color=colours[mode][0],
-            label=f"{mode}: floor, {'2N' if mode == 'direct' else '2R'} models through the "
-            "server's link",
+            label=f"{mode}: send floor, {'N' if mode == 'direct' else 'R'} models through the "
+            "server's uplink",
         )
     axes.set_xticks(range(len(sites)), [str(n) for n in sites])
     axes.set(

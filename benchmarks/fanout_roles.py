@@ -19,6 +19,7 @@ the span its peak RSS is read over, from outside, by benchmarks/outside.py) and 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 
 from benchmarks.outside import child_main
 from benchmarks.wan.netns import run_in_netns
-from fl.client import ClientSettings, FLClient
+from fl.client import ClientSettings, FLClient, JobStopped
 from fl.config import ServerConfig
 from fl.daemons import server_endpoint_config
 from fl.fedavg import FedAvg, RoundReport
@@ -250,6 +251,8 @@ def _site_child(queue: Any, settings: dict[str, Any]) -> None:
 async def _site(settings: dict[str, Any]) -> dict[str, Any]:
     baseline_at = time.time()
     site = settings["site"]
+    warnings = _Warnings()
+    logging.getLogger("fl.client").addHandler(warnings)
     client = FLClient(
         ClientSettings(
             server_url=settings["url"],
@@ -268,7 +271,12 @@ async def _site(settings: dict[str, Any]) -> dict[str, Any]:
     try:
         while await client.is_running_async():
             asked_at = time.time()
-            received = await client.receive_async(into=params)
+            try:
+                received = await client.receive_async(into=params)
+            except JobStopped:
+                if rounds:  # a task sent again (e.g. after a failover) the end of the job cut
+                    break
+                raise
             received_at = time.time()
             assert isinstance(received.params, dict)
             params = received.params
@@ -294,7 +302,24 @@ async def _site(settings: dict[str, Any]) -> dict[str, Any]:
         "finished_at": time.time(),
         "received_at": rounds[0]["received_at"],
         "sent_at": rounds[0]["sent_at"],
-        "rounds": len(rounds),
+        "tasks": len(rounds),
         "model_bytes": nbytes,
         "sample_count": sample_count(site),
+        "failovers": warnings.failovers,
+        "warnings": warnings.records[:20],
     }
+
+
+class _Warnings(logging.Handler):
+    """fl.client's warnings (failovers among them), with their wall-clock times."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[float, str]] = []
+        self.failovers: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.records.append((record.created, message[:300]))
+        if "failed over to" in message:
+            self.failovers.append(record.created)
