@@ -3,8 +3,9 @@
 on any event loop; its sync API (init, is_running, receive, send, report_error, close, and use as
 a context manager) runs that on an event loop in a background thread (_LoopThread), turning
 JobStopped and ServerLost into JobStoppedExit and ServerLostExit. It also keeps the last
-delivered result (_Delivered) to send again when a restarted server asks (RESEND). Settings and
-exceptions: fl/client_settings.py; how a job ends: fl/client.py.
+delivered result (_Delivered) to send again when a restarted server asks (RESEND), and fails
+over to the next of its fallback URLs when its upstream is gone (fl/client_failover.py says how).
+Settings and exceptions: fl/client_settings.py; how a job ends: fl/client.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from fl.client_failover import Failover, Switched, Upstreams
 from fl.client_settings import (
     _STOP_SIGNALS,
     ClientSettings,
     JobStopped,
     JobStoppedExit,
-    NotAdmitted,
     ServerLost,
     ServerLostExit,
     StoppedBySignal,
@@ -35,12 +35,12 @@ from fl.client_settings import (
 from fl.model import FLModel, params_nbytes
 from fl.protocol import (
     ERROR,
-    HELLO,
+    HEARTBEAT,
     RESEND,
     STOP,
+    PartialSum,
     ProtocolViolation,
     TaskInfo,
-    heartbeat,
     kind_of,
     parse_task,
     resend_task_id,
@@ -51,7 +51,6 @@ from transport import (
     Endpoint,
     IncomingTransfer,
     Peer,
-    RemoteError,
     RemoteRequestError,
     Sink,
     StateDictSink,
@@ -86,13 +85,15 @@ class _Delivered:
     transfer_id: str
 
 
-class FLClient:
+class FLClient(Failover):
     """One site's connection to the server: receive tasks, send results."""
 
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
         self.endpoint: Endpoint | None = None
-        self.peer: Peer | None = None
+        self.peer: Peer | None = None  # None between two upstreams while failing over
+        # Fields merged into every hello and heartbeat (a relay reports its sites: fl/relay.py).
+        self.heartbeat_extra: Callable[[], Mapping[str, Any]] | None = None
         self.current: TaskInfo | None = None
         self.stop_reason: str | None = None  # the server ended the job
         self.lost_reason: str | None = None  # the server was gone for longer than idle_timeout
@@ -107,6 +108,12 @@ class FLClient:
         self._newest_task: str | None = None  # the id of the task that arrived last
         self._resending: asyncio.Task[None] | None = None
         self._last_contact = 0.0  # loop time of the server's last answer or request
+        self._upstreams: Upstreams | None = None
+        # Resolved (and replaced) when the client fails over: cuts off what the old one was doing.
+        self._switched: asyncio.Future[None] | None = None
+        self._news: asyncio.Event | None = None  # set (and replaced) by _poke
+        self._beat_answered = 0.0  # loop time at which the last answered heartbeat was sent
+        self._sending_task: str | None = None  # the task whose result is being sent
         self._closing = False
         self._loop_thread: _LoopThread | None = None
 
@@ -117,9 +124,12 @@ class FLClient:
         after that); NotAdmitted if the server refuses this site."""
         self._queue = asyncio.Queue()
         self._ended = asyncio.Event()
+        self._news = asyncio.Event()
+        self._switched = asyncio.get_running_loop().create_future()
         self.endpoint = Endpoint(self.settings.endpoint_config())
         self.endpoint.on_request(self._serve_request)
-        answer = await self._join()
+        self._upstreams = Upstreams(self.settings, self.endpoint)
+        self.peer, answer = await self._upstreams.join(self._hello)
         self._contact()
         self._background = [
             asyncio.ensure_future(self._take_tasks()),
@@ -131,11 +141,17 @@ class FLClient:
     async def is_running_async(self) -> bool:
         """Wait until the server sends the next task (True) or ends the job (False); raises
         ServerLost once the server was gone for longer than idle_timeout."""
-        if await self._peek() is not None:
-            return True
+        return await self.next_task_async() is not None
+
+    async def next_task_async(self) -> TaskInfo | None:
+        """Wait for the next task and say what it is, without taking it (the next receive
+        does); None once the job is over, ServerLost as is_running_async."""
+        pending = await self._peek()
+        if pending is not None:
+            return pending[0]
         if self.lost_reason is not None:
             raise ServerLost(self.lost_reason)
-        return False
+        return None
 
     async def receive_async(
         self, into: Mapping[str, torch.Tensor] | None = None, sink: Sink | None = None
@@ -146,7 +162,9 @@ class FLClient:
         A task the server withdraws while it is being received (it cancels the transfer, e.g.
         when the round closed without this site) is skipped for the next one, unless `sink` was
         given (a sink may not be reusable): then the TransferCancelledError is raised, unless
-        the server ends the job meanwhile."""
+        the server ends the job meanwhile. So is a task whose upstream is lost while it is
+        being received (the next upstream sends it again), except that with `sink` a
+        ConnectionClosedError is raised."""
         return await self._stoppable(lambda: self._receive(into, sink))
 
     async def _receive(self, into: Mapping[str, torch.Tensor] | None, sink: Sink | None) -> FLModel:
@@ -160,14 +178,23 @@ class FLClient:
             if target is None:
                 target = StateDictSink(into=dict(into)) if into is not None else StateDictSink()
             nbytes = transfer.manifest.total_bytes if transfer.manifest else 0
-            self._under_way = info
+            self._under_way, switched = info, self._switched
             try:
                 with self._progress(nbytes, f"{_round_name(info)} model", "received"):
-                    params = await transfer.receive_into(target)
+                    params = await self._on_upstream(transfer.receive_into(target))
             except TransferCancelledError as withdrawn:
                 if sink is not None:
                     raise
                 log.warning("the server withdrew task %s: %s", info.task_id, withdrawn)
+                continue
+            except Switched:
+                self._dropped(info, sink)
+                continue
+            except TransportError as error:
+                if not self._fails_over():
+                    raise
+                await self._after_failure(switched, error)
+                self._dropped(info, sink)
                 continue
             finally:
                 self._under_way = None
@@ -180,29 +207,37 @@ class FLClient:
                 meta=dict(info.meta),
             )
 
-    async def send_async(self, model: FLModel) -> TransferResult | None:
+    async def send_async(
+        self, model: FLModel, *, partial: PartialSum | None = None
+    ) -> TransferResult | None:
         """Send the result of the current task (the one the last receive() returned); None when
-        the server no longer wanted it (e.g. it closed the round without this site)."""
-        task, peer = self._require_task(), self._require_peer()
+        the server no longer wanted it (e.g. it closed the round without this site). Sent again
+        to the next upstream when this one is lost meanwhile. `partial`: a relay's result is a
+        partial sum over its sites (fl/relay.py)."""
+        task = self._require_task()
+        peer = None if self._fails_over() else self._require_peer()
         if model.params is None:
             raise ValueError("send() needs a model with params")
         params = model.params
-        meta = result_meta(task.task_id, model)
+        meta = result_meta(task.task_id, model, partial)
         transfer_id = result_transfer_id(task.task_id, self.settings.site)
         self.current = None
         nbytes = params_nbytes(params)
-        self._under_way = task
+        self._under_way, self._sending_task = task, task.task_id
+
+        async def deliver() -> TransferResult:
+            if peer is None:
+                return await self._deliver(params, meta, transfer_id)
+            return await peer.send_state_dict(params, meta=meta, transfer_id=transfer_id)
+
         try:
             with self._progress(nbytes, f"{_round_name(task)} result", "sent"):
-                result = await self._stoppable(
-                    lambda: peer.send_state_dict(params, meta=meta, transfer_id=transfer_id),
-                    sending=True,
-                )
+                result = await self._stoppable(deliver, sending=True)
         except StreamResetError as refusal:
             log.warning("the server did not take this result: %s", refusal)
             return None
         finally:
-            self._under_way = None
+            self._under_way = self._sending_task = None
         if self._newest_task == task.task_id:  # no newer task arrived meanwhile
             self._delivered = _Delivered(task, model, meta, transfer_id)
         return result
@@ -256,7 +291,7 @@ class FLClient:
         await self._report(task, message)
 
     async def _report(self, task: TaskInfo, message: str) -> None:
-        peer = self._require_peer()
+        peer = await self._upstream() if self._fails_over() else self._require_peer()
         await peer.request({"fl": ERROR, "task_id": task.task_id, "message": message[:4000]})
 
     async def close_async(self) -> None:
@@ -374,39 +409,6 @@ class FLClient:
             self._next = await self._queue.get()
         return None if self._ending() else self._next
 
-    async def _join(self) -> Mapping[str, Any]:
-        """Connect and say hello; the server's answer. A server that is not up yet, or that goes
-        away before it answered (a restart), is tried again until connect_timeout."""
-        assert self.endpoint is not None
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.connect_timeout
-        delay = 0.1
-        while True:
-            try:
-                if self.peer is None:
-                    self.peer = await self.endpoint.connect(settings.server_url)
-                hello = self.peer.request({"fl": HELLO})
-                answer, _ = await asyncio.wait_for(hello, max(0.0, deadline - loop.time()))
-                return answer
-            except RemoteError as refusal:
-                if refusal.code == "unauthorized":
-                    raise NotAdmitted(
-                        f"{settings.site}: the server at {settings.server_url} did not admit "
-                        f"this site ({refusal}); check its token and certificate"
-                    ) from None
-                error: BaseException = refusal
-            except (TensorwireError, OSError, TimeoutError) as failure:
-                error = failure
-            if loop.time() + delay > deadline:
-                raise ServerLost(
-                    f"{settings.site}: could not reach {settings.server_url} within "
-                    f"{settings.connect_timeout:g} s (connect_timeout): {error}"
-                ) from error
-            log.info("server not reachable yet (%s); retrying in %.1f s", error, delay)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 5.0)
-
     async def _take_tasks(self) -> None:
         assert self.endpoint is not None
         assert self._queue is not None
@@ -417,6 +419,8 @@ class FLClient:
                 transfer.reject(str(violation))
                 continue
             self._contact()
+            if self._refused_again(info, transfer):
+                continue
             self._task_arrived(info)
             self._queue.put_nowait((info, transfer))
 
@@ -447,6 +451,8 @@ class FLClient:
         client does not hold it (any more)."""
         delivered = self._delivered
         if delivered is None or delivered.task.task_id != task_id or self._closing:
+            return False
+        if self.peer is None:  # failing over: the next upstream asks again if it needs it
             return False
         if self._resending is None or self._resending.done():
             self._resending = asyncio.ensure_future(self._send_again(delivered))
@@ -486,23 +492,27 @@ class FLClient:
             return False
         self._ended.set()
         self._queue.put_nowait(None)
+        self._poke()
         return True
 
     def _contact(self) -> None:
         self._last_contact = asyncio.get_running_loop().time()
+        self._poke()
 
     async def _heartbeat(self) -> None:
         """Tell the server this site is alive, on which task, and which result it last
         delivered; the request also makes the transport redial a dropped connection. Ends the
         job when the answer says it is over (a STOP this site missed), and gives the server up
-        once it has not answered for idle_timeout."""
-        peer = self._require_peer()
+        once it has not answered for idle_timeout (with fallbacks: fails over once it has not
+        for failover_delay)."""
         loop = asyncio.get_running_loop()
         patience = self.settings.idle_timeout
+        if self._fails_over():
+            patience = min(patience, self.settings.failover_delay())
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            task_id = self.current.task_id if self.current else None
-            beat = peer.request(heartbeat(task_id, self.sent_task_id))
+            peer, sent_at = self._require_peer(), loop.time()
+            beat = peer.request(self._state_message(HEARTBEAT))
             left = self._last_contact + patience - loop.time()  # redialling included
             try:
                 answer, _ = await asyncio.wait_for(beat, max(left, 0.1))
@@ -512,11 +522,16 @@ class FLClient:
                 continue
             except (TensorwireError, TimeoutError) as error:
                 silent = loop.time() - self._last_contact
-                if silent >= patience:
+                if silent < patience:
+                    log.info("heartbeat failed (server silent for %.0f s): %s", silent, error)
+                    continue
+                if not self._fails_over():
                     self._lose(f"no answer from {self.settings.server_url} for {silent:.0f} s")
                     return
-                log.info("heartbeat failed (server silent for %.0f s): %s", silent, error)
+                if not await self._fail_over(silent):
+                    return
                 continue
+            self._beat_answered = sent_at
             self._contact()
             if kind_of(answer) == STOP:
                 self._end(str(answer.get("reason", "the server ended the job")))

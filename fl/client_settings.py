@@ -78,6 +78,11 @@ class ClientSettings:
 
     server_url: str
     site: str
+    # Where to turn, in order, once server_url is gone for good (fl/relay.py: a relay that died).
+    fallback_urls: tuple[str, ...] = ()
+    # How long the upstream may stay unreachable before the next URL is tried (with fallbacks
+    # only); None: three heartbeat intervals (see failover_delay).
+    failover_after: float | None = None
     token: str | None = None
     pki_dir: str | None = None
     heartbeat_interval: float = 5.0
@@ -98,6 +103,8 @@ class ClientSettings:
         return cls(
             server_url=env["TENSORWIRE_SERVER"],
             site=env["TENSORWIRE_SITE"],
+            fallback_urls=tuple(env.get("TENSORWIRE_FALLBACKS", "").split()),
+            failover_after=_optional_float(env.get("TENSORWIRE_FAILOVER_AFTER")),
             token=env.get("TENSORWIRE_TOKEN") or None,
             pki_dir=env.get("TENSORWIRE_PKI_DIR") or None,
             heartbeat_interval=float(env.get("TENSORWIRE_HEARTBEAT", 5.0)),
@@ -116,11 +123,22 @@ class ClientSettings:
             "TENSORWIRE_IDLE_TIMEOUT": str(self.idle_timeout),
             "TENSORWIRE_PROGRESS": "1" if self.progress else "0",
         }
+        if self.fallback_urls:  # URLs hold no spaces: one variable carries the list
+            env["TENSORWIRE_FALLBACKS"] = " ".join(self.fallback_urls)
+        if self.failover_after is not None:
+            env["TENSORWIRE_FAILOVER_AFTER"] = str(self.failover_after)
         if self.token:
             env["TENSORWIRE_TOKEN"] = self.token
         if self.pki_dir:
             env["TENSORWIRE_PKI_DIR"] = self.pki_dir
         return env
+
+    def failover_delay(self) -> float:
+        """How long the upstream may stay unreachable before the client turns to the next URL:
+        long enough that a dropped connection the transport redials is not a failover."""
+        if self.failover_after is not None:
+            return self.failover_after
+        return 3 * self.heartbeat_interval
 
     def endpoint_config(self) -> EndpointConfig:
         # The site name is the node id: a restarted client is the same client to the server.
@@ -128,6 +146,10 @@ class ClientSettings:
         return EndpointConfig(
             node_id=self.site, token=self.token, tls=tls, idle_timeout=self.idle_timeout
         ).replace(**self.endpoint_overrides)
+
+
+def _optional_float(value: str | None) -> float | None:
+    return float(value) if value else None
 
 
 # --- stop signals --------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def client_settings(config: ClientConfig, *, progress: bool = False) -> ClientSe
     return ClientSettings(
         server_url=config.server,
         site=config.site,
+        fallback_urls=tuple(config.fallbacks),
         token=config.token,
         pki_dir=config.pki_dir,
         heartbeat_interval=config.heartbeat_interval,
