@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compression",
         choices=("off", "auto"),
         default="off",
-        help="the server's and sites' chunk compression (default off: the wire carries the model)",
+        help="chunk compression of the server, relays and sites (default off: the wire carries "
+        "the model)",
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run")
     parser.add_argument("--work-dir", type=Path, default=None, help="model files (default: /tmp)")
@@ -161,12 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sites = list(range(args.clients))
         measured["fedavg"] = check_fedavg(spec, initial, final, sites)
     result = base | net.describe() | measured | {"load_before": load_before, "load_after": _load()}
-    if result["relays"]:  # RelayConfig has no compression setting: the endpoint's default
-        result["relay_compression"] = "auto (the relay daemon's default)"
     result["goals"] = _goals(result)
     timeline = result.pop("egress_timeline")
+    cpu_timeline = result.pop("cpu_timeline")
     if not args.no_files:
-        result["files"] = _write(result, timeline, args.results_dir)
+        result["files"] = _write(result, timeline, cpu_timeline, args.results_dir)
     return result
 
 
@@ -177,7 +177,12 @@ def _measure(
     Relayed: the relays, then the sites (until each is connected to its relay), then the server:
     a relay joins its upstream as soon as it listens, and the round must not start (the server
     waits for every relay) before the sites are there to take the model."""
-    regions, timeout = base["regions"], args.timeout
+    regions = base["regions"]
+    deadline = time.monotonic() + args.timeout
+
+    def left() -> float:  # every wait shares the run's one deadline
+        return max(1.0, deadline - time.monotonic())
+
     server_url = f"tcp://{SERVER_ADDRESS}:{SERVER_PORT}"
     state_dir = directory / "state"
     before = {name: net.counters(name) for name in (net.server, *net.regions)}
@@ -191,24 +196,32 @@ def _measure(
         "initial_model": str(directory / "initial.safetensors"),
         "final_model": str(state_dir / "final.safetensors"),
         "expected_clients": base["relays"] or args.clients,
-        "join_timeout": timeout,
+        "join_timeout": args.timeout,
         "idle_timeout": IDLE_TIMEOUT,
         "compression": args.compression,
     }
     in_region = [
         [site for site in range(args.clients) if site % regions == r] for r in range(regions)
     ]
+    reports: dict[str, Any] | None = None
     try:
         if not base["relays"]:
-            sampler = _start_server(fleet, net, server_settings, timeout)
+            sampler = _start_server(fleet, net, server_settings, left())
         urls = [server_url] * regions
         for index in range(base["relays"]):
-            relay = _relay(index, net.regions[index], server_url, directory, len(in_region[index]))
+            relay = _relay(
+                index,
+                net.regions[index],
+                server_url,
+                directory,
+                len(in_region[index]),
+                args.compression,
+            )
             fleet.start_relay(relay)
             urls[index] = relay.url
         for relay in fleet.relays:
             relays_listening[relay.name] = fleet.wait_listening(
-                relay.pid, relay.port, relay.name, timeout
+                relay.pid, relay.port, relay.name, left()
             )
         for site in range(args.clients):
             region = site % regions
@@ -217,20 +230,20 @@ def _measure(
                 "url": urls[region],
                 "fallback_urls": [server_url] if urls[region] != server_url else [],
                 "heartbeat_interval": HEARTBEAT_INTERVAL,
-                "connect_timeout": timeout,
+                "connect_timeout": args.timeout,
                 "idle_timeout": IDLE_TIMEOUT,
                 "compression": args.compression,
             }
             site_pids[site] = fleet.spawn(f"site-{site}", run_site, net.regions[region], settings)
         for index, relay in enumerate(fleet.relays):
-            fleet.wait_connected(relay.pid, relay.port, len(in_region[index]), relay.name, timeout)
+            fleet.wait_connected(relay.pid, relay.port, len(in_region[index]), relay.name, left())
         if base["relays"]:
-            sampler = _start_server(fleet, net, server_settings, timeout)
-        reports = fleet.collect(timeout)
+            sampler = _start_server(fleet, net, server_settings, left())
+        reports = fleet.collect(left())
     finally:
         if sampler is not None:
             sampler.stop()
-        relay_status = fleet.end()
+        relay_status = fleet.end(graceful=reports is not None)  # a failure kills at once
     after = {name: net.counters(name) for name in (net.server, *net.regions)}
     qdisc = net.qdisc(net.server)
     if qdisc.get("bytes") and after[net.server]["tx_bytes"]:  # both counted since creation
@@ -251,7 +264,9 @@ def _start_server(
     return sampler
 
 
-def _relay(index: int, netns_name: str, upstream: str, directory: Path, sites: int) -> RelayDaemon:
+def _relay(
+    index: int, netns_name: str, upstream: str, directory: Path, sites: int, compression: str
+) -> RelayDaemon:
     name = f"relay-{index}"
     config: dict[str, Any] = {
         "name": name,
@@ -263,6 +278,7 @@ def _relay(index: int, netns_name: str, upstream: str, directory: Path, sites: i
         "heartbeat_interval": HEARTBEAT_INTERVAL,
         "heartbeat_timeout": IDLE_TIMEOUT,
         "min_sites": max(1, sites),  # the task waits for this region's sites
+        "compression": compression,
     }
     return RelayDaemon(name, netns_name, config, directory / name)
 
@@ -351,7 +367,33 @@ def _figures(
     }
     figures["rss"] = _rss(fleet, reports, sites, server, relays_listening, site_pids, model)
     figures["cpu"] = _cpu(fleet, site_pids, start, end)
+    figures["cpu_timeline"] = _cpu_timeline(fleet, site_pids, start, end)
     return figures
+
+
+def _cpu_timeline(
+    fleet: Fleet, site_pids: dict[int, int], start: float, end: float, step: float = 2.0
+) -> list[dict[str, float]]:
+    """Cores used per role in each `step` seconds of the round (from 0.5 s samples: rough)."""
+    watch = fleet.rss
+    roles = {
+        "server": [fleet.processes[fleet.names.index("server")].pid],
+        "relays": [relay.pid for relay in fleet.relays],
+        "sites": list(site_pids.values()),
+    }
+    bins = []
+    at = start
+    while at < end:
+        until = min(at + step, end)
+        row = {"t": round(at - start, 1)}
+        for role, pids in roles.items():
+            used = sum(watch.cpu_seconds(pid, at, until) for pid in pids)
+            row[role] = round(used / (until - at), 2)
+        machine = watch.machine_seconds(at, until)
+        row["machine_busy"] = round(machine.get("busy", 0.0) / (until - at), 2)
+        bins.append(row)
+        at = until
+    return bins
 
 
 def _cpu(fleet: Fleet, site_pids: dict[int, int], start: float, end: float) -> dict[str, Any]:
@@ -491,7 +533,10 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def _write(
-    result: dict[str, Any], timeline: list[tuple[float, int, int]], directory: Path
+    result: dict[str, Any],
+    timeline: list[tuple[float, int, int]],
+    cpu_timeline: list[dict[str, float]],
+    directory: Path,
 ) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     size = result["model_size"].replace(" ", "")
@@ -504,7 +549,8 @@ def _write(
         format_rate(result["uplink"]["rate_bps"]).replace("/", ""),
     )
     path = directory / f"{stem}.json"
-    path.write_text(json.dumps({**result, "egress_timeline": timeline}) + "\n")
+    files = {**result, "egress_timeline": timeline, "cpu_timeline": cpu_timeline}
+    path.write_text(json.dumps(files) + "\n")
     return {"json": str(path)}
 
 

@@ -240,9 +240,9 @@ class RelayDaemon:
         status = None
         if self.popen is not None:
             if self.popen.poll() is None:
-                self.popen.send_signal(signal.SIGTERM)
+                self.popen.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
                 try:
-                    self.popen.wait(grace)
+                    self.popen.wait(max(grace, 1.0))
                 except subprocess.TimeoutExpired:
                     self.popen.kill()
                     self.popen.wait()
@@ -345,14 +345,20 @@ class Fleet:
                 raise ChildFailed(f"no result within {timeout:.0f} s from {', '.join(waiting)}")
             time.sleep(0.02)
 
-    def end(self) -> dict[str, int | None]:
-        """Stop every process (relays by SIGTERM); the relays' exit statuses."""
+    def end(self, graceful: bool = True) -> dict[str, int | None]:
+        """Stop every process; the relays' exit statuses. Graceful (every child reported): the
+        children are joined (they are exiting), the relays get SIGTERM. Otherwise (a failure, a
+        signal) everything is killed at once."""
         statuses: dict[str, int | None] = {}
         try:
+            if not graceful:
+                for process in self.processes:
+                    if process.is_alive():
+                        process.kill()
             end(self.processes)
         finally:
             for relay in self.relays:
-                statuses[relay.name] = relay.stop()
+                statuses[relay.name] = relay.stop(grace=10.0 if graceful else 0.0)
             self.rss.stop()
         return statuses
 
