@@ -157,6 +157,7 @@ class Relay:
         sites = await self.server.wait_for_clients(config.min_sites, config.site_wait)
         forwarded = _forwarded(info, relayed.source(manifest))
         task = self.server.send_model(forwarded, sites, info.task, info.task_id)
+        await self.client.beat_now_async()  # the upstream knows these sites before we may die
         try:
             await receiving
         except BaseException:
@@ -178,7 +179,9 @@ class Relay:
         model = ModelFile(files.model)
         sums = FileSums(files.sums, accumulate_dtype=torch.float32)
         aggregation = RoundAggregation(model.tensors(), model.layouts, sums, FedAvgUpdate())
-        gathering = asyncio.ensure_future(self.server.gather(task, aggregation))
+        gathering = asyncio.ensure_future(
+            self.server.gather(task, aggregation, stage_dir=self.state_dir)
+        )
         newer = asyncio.ensure_future(self.client.next_task_async())
         try:
             await asyncio.wait({gathering, newer}, return_when=asyncio.FIRST_COMPLETED)

@@ -14,8 +14,10 @@ own update) refuse them with the reason.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ import torch
 from fl.aggregation import RoundAggregation
 from fl.model import FLModel
 from fl.protocol import PartialSum, ResultInfo
+from fl.staging import StagedSink
 from transport import DTYPES, CallbackSink, IncomingTransfer, Sink, StateDictSink, dtype_name
 
 # Called with (client, tensor name, tensor) as each tensor of a result has been aggregated.
@@ -55,16 +58,22 @@ def sink_or_reject(
     aggregation: RoundAggregation | None,
     rules: ResultRules,
     on_tensor: TensorHook | None,
+    stage_dir: Path | None = None,
 ) -> Sink:
-    """The sink for a result, or the result refused (the client sees why) and the error raised."""
+    """The sink for a result, or the result refused (the client sees why) and the error raised.
+    With `stage_dir` an aggregated result is staged there and folded from disk (fl/staging.py)."""
     try:
         if info.partial is not None:
-            return _partial_sum_sink(transfer, client, info, aggregation, rules, on_tensor)
-        weight = _sample_count(client, info, rules)
-        if aggregation is None:
-            return StateDictSink()
-        _check_manifest(client, transfer, aggregation, rules)
-        return _aggregating_sink(client, weight, info, aggregation, on_tensor)
+            add = _partial_sum_add(transfer, client, info, aggregation, rules, on_tensor)
+        else:
+            weight = _sample_count(client, info, rules)
+            if aggregation is None:
+                return StateDictSink()
+            _check_manifest(client, transfer, aggregation, rules)
+            add = _aggregating_add(client, weight, info, aggregation, on_tensor)
+        if stage_dir is None:
+            return CallbackSink(add)
+        return StagedSink(stage_dir / f"{_file_name(client)}.result.safetensors", add)
     except Exception as error:
         transfer.reject(f"result refused: {error}")
         raise
@@ -84,14 +93,18 @@ def _sample_count(client: str, info: ResultInfo, rules: ResultRules) -> float:
     return weight
 
 
-def _aggregating_sink(
+def _file_name(client: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", client)
+
+
+def _aggregating_add(
     client: str,
     weight: float,
     info: ResultInfo,
     aggregation: RoundAggregation,
     on_tensor: TensorHook | None,
-) -> Sink:
-    """A sink that folds each tensor into `aggregation` as it arrives and lets it go."""
+) -> Callable[[str, Any], None]:
+    """What folds each tensor into `aggregation` as it arrives (then it is let go)."""
     params_type = info.params_type
 
     def add(name: str, tensor: Any) -> None:
@@ -99,17 +112,17 @@ def _aggregating_sink(
         if on_tensor is not None:
             on_tensor(client, name, tensor)
 
-    return CallbackSink(add)
+    return add
 
 
-def _partial_sum_sink(
+def _partial_sum_add(
     transfer: IncomingTransfer,
     client: str,
     info: ResultInfo,
     aggregation: RoundAggregation | None,
     rules: ResultRules,
     on_tensor: TensorHook | None,
-) -> Sink:
+) -> Callable[[str, Any], None]:
     """A relay's partial sum: each tensor folded as it is, standing for its sites' weight."""
     partial = info.partial
     assert partial is not None
@@ -134,7 +147,7 @@ def _partial_sum_sink(
             if on_tensor is not None:
                 on_tensor(client, name, tensor)
 
-    return CallbackSink(add)
+    return add
 
 
 def _check_partial_weights(client: str, partial: PartialSum, rules: ResultRules) -> None:

@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fl.admin import ADMIN, authorize, command_of, is_admin_connection
@@ -28,7 +28,6 @@ from fl.protocol import (
     RESEND,
     STOP,
     ProtocolViolation,
-    ResultInfo,
     kind_of,
     parse_result,
     result_transfer_id,
@@ -36,6 +35,8 @@ from fl.protocol import (
     task_meta,
 )
 from fl.results import ResultRules, TensorHook, sink_or_reject
+from fl.server_relays import RelayFailover
+from fl.server_types import MAX_PARKED_RESULTS, ClientRecord, ClientResult, Task, _Intake
 from fl.status import JobProgress, TransferProgress, snapshot
 from transport import (
     Endpoint,
@@ -46,74 +47,10 @@ from transport import (
 
 log = logging.getLogger(__name__)
 
-# Results for a task that is not open yet (a restarted server, its clients' uploads resuming
-# before the round is set up again) wait this many at most; more are refused.
-MAX_PARKED_RESULTS = 1024
 
-
-@dataclass
-class ClientRecord:
-    """What the server knows about one client."""
-
-    name: str
-    peer: Peer
-    last_seen: float = field(default_factory=time.monotonic)
-    lost_since: float | None = None
-    # The task whose result the client last delivered (as its heartbeat says): a restarted
-    # server that has no such result asks for it again.
-    sent_task: str | None = None
-    # For the status page and the admin commands (fl/status.py).
-    joined_at: float = field(default_factory=time.time)
-    transfer: TransferProgress | None = None
-    last_error: str | None = None
-    # A relay's sites, as its hello and heartbeats list them (None: a site). The task the client
-    # is working on as it last said, and whether it has said (a hello or heartbeat since it
-    # joined): a site whose relay died is sent the task only if it does not hold it already.
-    sites: tuple[str, ...] | None = None
-    working_task: str | None = None
-    state_known: bool = False
-
-    @property
-    def connected(self) -> bool:
-        return not self.peer.closed
-
-
-@dataclass
-class ClientResult:
-    """One client's answer to a task: `error` is None on success. `value` is what the sink's
-    commit() returned (a state dict for the default sink)."""
-
-    client: str
-    info: ResultInfo | None = None
-    value: Any = None
-    error: str | None = None
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class Task:
-    """A model sent to some clients; its results are gathered by task id."""
-
-    task_id: str
-    name: str
-    clients: list[str]
-    sends: dict[str, asyncio.Task[int]] = field(default_factory=dict)
-    arrivals: dict[str, asyncio.Future[IncomingTransfer]] = field(default_factory=dict)
-    reported_errors: dict[str, asyncio.Future[str]] = field(default_factory=dict)
-    resend_asked: set[str] = field(default_factory=set)
-    # What was sent, for the sites of a relay that dies mid-round (sent to them directly).
-    model: FLModel | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class FLServer:
-    """Listens, admits clients, sends tasks, gathers results."""
+class FLServer(RelayFailover):
+    """Listens, admits clients, sends tasks, gathers results (and a dead relay's sites:
+    fl/server_relays.py)."""
 
     def __init__(
         self,
@@ -411,6 +348,10 @@ class FLServer:
             self._parked[(info.task_id, client)] = transfer
             return
         arrival = task.arrivals.get(client) if task else None
+        if arrival is None and task is not None and self._may_park_moved(task, client):
+            # A relay's site whose relay died: here before the relay is given up on.
+            self._parked[(info.task_id, client)] = transfer
+            return
         if arrival is None:
             raise ProtocolViolation(f"no result for task {info.task_id!r} is expected")
         if arrival.done():
@@ -435,6 +376,7 @@ class FLServer:
         rules: ResultRules | None = None,
         on_result: Callable[[ClientResult], None] | None = None,
         on_tensor: TensorHook | None = None,
+        stage_dir: Path | None = None,
     ) -> list[ClientResult]:
         """Every client's result for `task`, failures included (as errors).
 
@@ -451,12 +393,12 @@ class FLServer:
         and its upload in progress is cancelled.
 
         Each result is checked against `rules` (default ResultRules()) before any of its bytes
-        are taken; a refused one is a failure of that client, told to it."""
-        rules = rules or ResultRules()
+        are taken; a refused one is a failure of that client, told to it. With `stage_dir`
+        results are staged in files there and folded from disk (fl/staging.py: a relay's
+        bounded memory)."""
+        intake = _Intake(aggregation, rules or ResultRules(), on_tensor, stage_dir)
         pending = {
-            asyncio.ensure_future(
-                self._collect(task, client, aggregation, rules, on_tensor)
-            ): client
+            asyncio.ensure_future(self._collect(task, client, intake)): client
             for client in task.clients
         }
         results: list[ClientResult] = []
@@ -481,7 +423,7 @@ class FLServer:
                 pending.pop(finished)
                 results.append(finished.result())
                 for site in self._stranded_sites(task, results[-1], aggregation):
-                    moved = self._collect_moved(task, site, aggregation, rules, on_tensor)
+                    moved = self._collect_moved(task, site, intake)
                     pending[asyncio.ensure_future(moved)] = site
                 if on_result is not None:
                     on_result(results[-1])
@@ -490,23 +432,19 @@ class FLServer:
                 deadline = loop.time() + wait_after_min
         self.tasks.pop(task.task_id, None)
         self._closed_tasks.add(task.task_id)
+        self._refuse_parked(task.task_id)
         return sorted(results, key=lambda result: result.client)
 
-    async def _collect(
-        self,
-        task: Task,
-        client: str,
-        aggregation: RoundAggregation | None,
-        rules: ResultRules,
-        on_tensor: TensorHook | None,
-    ) -> ClientResult:
+    async def _collect(self, task: Task, client: str, intake: _Intake) -> ClientResult:
         started = time.perf_counter()
         result = ClientResult(client)
         try:
             result.bytes_sent = await task.sends[client]
             transfer = await self._await_result(task, client)
             result.info = parse_result(transfer.meta)
-            sink = sink_or_reject(transfer, client, result.info, aggregation, rules, on_tensor)
+            sink = sink_or_reject(
+                transfer, client, result.info, *intake[:3], stage_dir=intake.stage_dir
+            )
             progress = self._receiving(client, task.task_id)
             result.value = await transfer.receive_into(sink, progress=progress)
             progress.finish()
@@ -523,75 +461,6 @@ class FLServer:
                 record.last_error, record.transfer = result.error, None
         result.seconds = time.perf_counter() - started
         return result
-
-    def _stranded_sites(
-        self, task: Task, result: ClientResult, aggregation: RoundAggregation | None
-    ) -> list[str]:
-        """The sites of a relay that failed this task, to be gathered directly: those it listed
-        last, less those its partial sum already counted for (some of its tensors were folded
-        before it failed: they count for those, like any upload that fails half way)."""
-        record = self.clients.get(result.client)
-        if result.ok or record is None or not record.sites:
-            return []
-        counted: set[str] = set()
-        partial = result.info.partial if result.info else None
-        contributed = aggregation is not None and any(
-            result.client in names for names in aggregation.all_contributors().values()
-        )
-        if partial is not None and contributed:
-            counted = set(partial.sites)
-        stranded = [s for s in record.sites if s not in task.clients and s not in counted]
-        task.clients += stranded
-        if stranded:
-            log.warning(
-                "relay %s failed task %s; gathering its sites directly: %s",
-                result.client,
-                task.task_id,
-                " ".join(stranded),
-            )
-        return stranded
-
-    async def _collect_moved(
-        self,
-        task: Task,
-        site: str,
-        aggregation: RoundAggregation | None,
-        rules: ResultRules,
-        on_tensor: TensorHook | None,
-    ) -> ClientResult:
-        """A stranded site, once it reached this server (its fallback): sent the task unless it
-        holds it already (working on it, or its result sent: then asked for it again), then
-        gathered like any other."""
-        if not await self._wait_for_state(site, self.heartbeat_timeout):
-            limit = f"{self.heartbeat_timeout:g} s"
-            why = f"its relay failed and it did not reach the server within {limit}"
-            return ClientResult(site, error=why)
-        loop = asyncio.get_running_loop()
-        task.arrivals[site] = loop.create_future()
-        task.reported_errors[site] = loop.create_future()
-        record = self.clients[site]
-        if task.task_id in (record.working_task, record.sent_task):
-            held: asyncio.Future[int] = loop.create_future()
-            held.set_result(0)
-            task.sends[site] = asyncio.ensure_future(held)
-        else:
-            assert task.model is not None
-            task.sends[site] = asyncio.ensure_future(self._send(site, task.model, task.meta, task))
-        self._unpark(task)
-        return await self._collect(task, site, aggregation, rules, on_tensor)
-
-    async def _wait_for_state(self, site: str, within: float) -> bool:
-        """Until `site` is connected here and said which task it holds (False after `within`)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while loop.time() < deadline:
-            record = self.clients.get(site)
-            if record is not None and record.connected and record.state_known:
-                return True
-            self._joined.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._joined.wait(), min(0.2, deadline - loop.time()))
-        return False
 
     def _receiving(self, client: str, task_id: str) -> TransferProgress:
         progress = TransferProgress("received", task_id)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 CLI = [str(Path(sys.executable).with_name("tensorwire"))]
 SITE_SCRIPT = Path(__file__).parent / "scripts" / "relay_site.py"
-FAST = "heartbeat_interval = 0.2\nidle_timeout = 20\nconnect_timeout = 60\n"
+FAST = "heartbeat_interval = 0.5\nidle_timeout = 20\nconnect_timeout = 60\n"
 
 pytestmark = pytest.mark.timeout(180)
 OPS_URLS: dict[int, str] = {}  # a daemon's ops server, by pid, as it printed it
@@ -59,14 +59,20 @@ class Fleet:
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        process = subprocess.Popen([*CLI, *args], env=env or ENV, stdout=subprocess.PIPE, text=True)
+        log = self.root / f"{len(self.processes)}-{args[0]}.log"  # what a failure shows
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                [*CLI, *args], env=env or ENV, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
         self.processes.append(process)
         return process
 
-    def server(self, direct_peers: int, model: Path) -> tuple[subprocess.Popen[str], str]:
+    def server(
+        self, direct_peers: int, model: Path, grace: float = 1
+    ) -> tuple[subprocess.Popen[str], str]:
         config = self.root / "server.toml"
         config.write_text(
-            'listen = ["tcp://127.0.0.1:0"]\nheartbeat_timeout = 20\nreconnect_grace = 1\n'
+            f'listen = ["tcp://127.0.0.1:0"]\nheartbeat_timeout = 20\nreconnect_grace = {grace}\n'
             f'state_dir = "{self.root / "server-state"}"\n'
             f"[fedavg]\nrounds = 1\nnum_clients = {direct_peers}\n"
             f"min_clients = {direct_peers}\njoin_timeout = 60\n"
@@ -113,6 +119,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         yield running
     finally:
         running.stop()
+        for log in sorted(tmp_path.glob("*.log")):  # pytest shows it when the test failed
+            print(f"--- {log.name}", log.read_text()[-6000:], sep="\n")
 
 
 def listening_url(process: subprocess.Popen[str]) -> str:
@@ -123,6 +131,14 @@ def listening_url(process: subprocess.Popen[str]) -> str:
         if "listening on" in line:
             return line.split("listening on ")[1].split()[0].rstrip(",")
     raise AssertionError(f"{process.args} printed no URL (exit {process.wait()})")
+
+
+def wait_for_line(log: Path, text: str) -> None:
+    """Until a daemon's log says `text` (what it logs is the event waited for, not a time)."""
+    deadline = time.monotonic() + 60
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{log.name} never said {text!r}"
+        time.sleep(0.05)
 
 
 def model_file(root: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -180,11 +196,19 @@ def test_a_site_that_fails_behind_a_relay_fails_alone(fleet: Fleet) -> None:
     assert relay.wait(timeout=30) == 0
 
 
-def test_a_relay_killed_mid_round_leaves_its_sites_to_the_server(fleet: Fleet) -> None:
+@pytest.mark.parametrize(
+    "sites_first",
+    [True, False],
+    ids=["results-before-the-relay-is-given-up", "results-after-it-is-given-up"],
+)
+def test_a_relay_killed_mid_round_leaves_its_sites_to_the_server(
+    fleet: Fleet, sites_first: bool
+) -> None:
     model, path = model_file(fleet.root)
     gate = fleet.root / "gate"
     gate.mkdir()
-    server, server_url = fleet.server(direct_peers=2, model=path)
+    # The server gives a lost client reconnect_grace: long, the sites' results come first.
+    server, server_url = fleet.server(direct_peers=2, model=path, grace=5 if sites_first else 1)
     relay, relay_url = fleet.relay("relay-doomed", server_url, sites=2)
     sites = [fleet.site(i, relay_url, "FULL", (server_url,), gate) for i in range(2)]
     direct = fleet.site(2, server_url, "FULL", (), gate)
@@ -196,6 +220,8 @@ def test_a_relay_killed_mid_round_leaves_its_sites_to_the_server(fleet: Fleet) -
         time.sleep(0.05)
     relay.send_signal(signal.SIGKILL)
     relay.wait()
+    if not sites_first:
+        wait_for_line(fleet.root / "0-server.log", "gathering its sites directly")
     (gate / "go").touch()
     assert_flat_fedavg(finished(fleet, server), flat_fedavg(model, [0, 1, 2]))
     assert [site.wait(timeout=30) for site in [*sites, direct]] == [0, 0, 0]
