@@ -143,6 +143,15 @@ class FLClient(Failover):
         ServerLost once the server was gone for longer than idle_timeout."""
         return await self.next_task_async() is not None
 
+    async def beat_now_async(self) -> None:
+        """Send a heartbeat now, not at the next interval (a relay telling its upstream which
+        sites a task just went to, before it could die); a failure is only logged: the
+        heartbeat loop deals with an upstream that is gone."""
+        try:
+            await self._require_peer().request(self._state_message(HEARTBEAT))
+        except TensorwireError as error:
+            log.info("an early heartbeat failed: %s", error)
+
     async def next_task_async(self) -> TaskInfo | None:
         """Wait for the next task and say what it is, without taking it (the next receive
         does); None once the job is over, ServerLost as is_running_async."""

@@ -248,7 +248,8 @@ class Failover:
     def _state_message(self, kind: str) -> dict[str, Any]:
         """A hello or heartbeat: the open task, the task whose result was delivered (so that an
         upstream this client fails over to knows), and the heartbeat_extra fields."""
-        task_id = self.current.task_id if self.current else None
+        # Open: received and not delivered yet, its result being sent included.
+        task_id = self.current.task_id if self.current else self._sending_task
         message = {**heartbeat(task_id, self.sent_task_id), "fl": kind}
         if self.heartbeat_extra is None:
             return message
