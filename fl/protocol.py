@@ -4,14 +4,15 @@
                                  params_type, meta}
     client -> server  transfer  {"fl": "result", task_id, params_type, metrics, meta
                                  [, partial]}   (transfer id "<task_id>/<site>/result")
-    client -> server  request   {"fl": "hello"} | {"fl": "heartbeat", task_id, sent} |
+    client -> server  request   {"fl": "hello", task_id, sent} |
+                                {"fl": "heartbeat", task_id, sent} |
                                 {"fl": "error", task_id, message}
     server -> client  request   {"fl": "stop", reason} | {"fl": "resend", task_id}
 
-A heartbeat's `task_id` is the task the client is working on (received, result not sent yet) and
-`sent` the task whose result it last delivered with a committed verdict, as long as no newer task
-has arrived (both null otherwise). The server answers a hello or a heartbeat with
-{"fl": <kind>, job}, or with {"fl": "stop", reason, job} once the job is over.
+A hello's or heartbeat's `task_id` is the task the client is working on (received, result not
+delivered yet) and `sent` the task whose result it last delivered with a committed verdict, as
+long as no newer task has arrived (both null otherwise). The server answers a hello or a
+heartbeat with {"fl": <kind>, job}, or with {"fl": "stop", reason, job} once the job is over.
 
 STOP ends the job for the client: it stops waiting for tasks and its script exits 0; a receive
 in progress is cancelled, a send in progress may still finish. RESEND asks the client to send its

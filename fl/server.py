@@ -211,7 +211,7 @@ class FLServer(RelayFailover):
         if kind == ERROR:
             self._client_reported(record.name, header)
         elif kind == HELLO:
-            self._client_restarted(record.name)
+            self._client_restarted(record.name, header)
         if self._stop_reason is not None and kind in (HELLO, HEARTBEAT):
             return {"fl": STOP, "reason": self._stop_reason, "job": self.job}, b""
         return {"fl": kind, "job": self.job}, b""
@@ -241,10 +241,14 @@ class FLServer(RelayFailover):
             self.on_abort(reason)
         return {"fl": ADMIN, "command": command, "ok": True, "status": snapshot(self)}
 
-    def _client_restarted(self, client: str) -> None:
+    def _client_restarted(self, client: str, hello: Mapping[str, Any]) -> None:
         """A client says hello once per process: a task it had already received died with its
-        previous process (which may have come back faster than reconnect_grace)."""
+        previous process (which may have come back faster than reconnect_grace). Unless the
+        hello says it holds that task: a client that failed over (fl/client_failover.py)."""
+        held = {hello.get("task_id"), hello.get("sent")}
         for task in self.tasks.values():
+            if task.task_id in held:
+                continue
             reported = task.reported_errors.get(client)
             send = task.sends.get(client)
             if reported and not reported.done() and send and send.done():

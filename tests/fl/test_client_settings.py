@@ -20,6 +20,8 @@ def test_every_setting_survives_the_environment() -> None:
         connect_timeout=4.0,
         idle_timeout=33.0,
         progress=True,
+        fallback_urls=("tcps://relay-2.example:8770", "grpcs://server.example:8765"),
+        failover_after=7.0,
     )
     carried = {f.name for f in dataclasses.fields(ClientSettings)} - {"endpoint_overrides"}
     defaults = ClientSettings(server_url="x", site="y")

@@ -16,7 +16,8 @@ from fl.controller import NotEnoughClients
 from fl.fedavg import FedAvg
 from fl.model import SAMPLE_COUNT, FLModel
 from fl.protocol import result_meta, result_transfer_id
-from fl.results import ResultRules, check_dtype as _check_dtype
+from fl.results import ResultRules
+from fl.results import check_dtype as _check_dtype
 from tests.fl.helpers import Trainer, client_settings, constant_trainer, new_server, run_client
 
 SHAPE = (64, 33)
