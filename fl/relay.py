@@ -51,6 +51,7 @@ from transport import (
     RelayFile,
     SafetensorsSource,
     TransferCancelledError,
+    TransportError,
     server_tls,
 )
 
@@ -131,6 +132,11 @@ class Relay:
                 await self.relay_task()
             except TransferCancelledError as withdrawn:
                 log.warning("the upstream withdrew the task: %s", withdrawn)
+            except TransportError as lost:
+                # The upstream went away mid-task (the client fails over, or gives it up: then
+                # the next is_running_async says so). The next upstream sends the task again;
+                # its file resumes from what arrived.
+                log.warning("the upstream was lost during a task: %s", lost)
 
     async def close(self, *, stop_sites: bool | None = None) -> None:
         """Close both sides. The sites are told to stop when the upstream ended the job (the
