@@ -38,7 +38,7 @@ import torch
 
 from fl.aggregation import FileSums, RoundAggregation, TensorLayout
 from fl.client_core import FLClient
-from fl.client_settings import ClientSettings
+from fl.client_settings import ClientSettings, JobStopped
 from fl.config import RelayConfig
 from fl.model import FLModel
 from fl.model_file import ModelFile, ModelFileWriter
@@ -132,6 +132,8 @@ class Relay:
                 await self.relay_task()
             except TransferCancelledError as withdrawn:
                 log.warning("the upstream withdrew the task: %s", withdrawn)
+            except JobStopped:
+                return  # the upstream ended the job while a task was under way
             except TransportError as lost:
                 # The upstream went away mid-task (the client fails over, or gives it up: then
                 # the next is_running_async says so). The next upstream sends the task again;
