@@ -58,6 +58,13 @@ from transport import (
 log = logging.getLogger(__name__)
 
 
+# Per site: its stream's window (twice that per connection), and the elements the fold of its
+# result reads at a time (4 MiB of float32); with the staged results this is what a relay holds
+# per site uploading, whatever the model.
+SITE_WINDOW = 16 * 2**20
+FOLD_SLICE_ELEMENTS = 2**20
+
+
 def relay_endpoint_config(config: RelayConfig) -> EndpointConfig:
     """The endpoint the relay's sites connect to: its own certificate, their tokens and names."""
     tokens, allowed = config.auth_tokens, config.allowed_clients
@@ -68,6 +75,10 @@ def relay_endpoint_config(config: RelayConfig) -> EndpointConfig:
         auth_tokens=frozenset(tokens) if tokens else None,
         allowed_identities=frozenset(allowed) if allowed else None,
         compression=config.compression,
+        # Sites are on the relay's LAN: small windows fill it, and each site's window is what
+        # its upload may hold here while the staged result is folded.
+        stream_window=SITE_WINDOW,
+        connection_window=2 * SITE_WINDOW,
     )
 
 
@@ -185,7 +196,9 @@ class Relay:
         """The sites' results folded into sums; None when the upstream moved on meanwhile (a
         newer task, or the end of the job): the sites' transfers are cancelled then."""
         model = ModelFile(files.model)
-        sums = FileSums(files.sums, accumulate_dtype=torch.float32)
+        sums = FileSums(
+            files.sums, accumulate_dtype=torch.float32, slice_elements=FOLD_SLICE_ELEMENTS
+        )
         aggregation = RoundAggregation(model.tensors(), model.layouts, sums, FedAvgUpdate())
         gathering = asyncio.ensure_future(
             self.server.gather(task, aggregation, stage_dir=self.state_dir)
@@ -333,8 +346,10 @@ def run_relay_daemon(config: RelayConfig, ops: Any = None) -> int:
     """`tensorwire relay`: relay until the upstream ends the job (0), a signal stops it (0: its
     sites turn to their fallbacks), or the upstream is lost (69) or refuses it (77)."""
     from fl.cli_ops import watched
+    from fl.rss import return_freed_memory
     from transport import metrics
 
+    return_freed_memory()  # its RSS follows the windows and slices it holds, not their peak
     if ops is not None:
         ops.ready = metrics.is_listening
     return asyncio.run(watched(serve_relay(config, ops), ops))
