@@ -510,7 +510,24 @@ def _goals(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], **_code()}
+
+
+def _code() -> dict[str, Any]:
+    """The commit this ran from, and whether fl/ or transport/ had uncommitted changes (the
+    relay and the server are whatever is on disk when they start)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "fl", "transport"],
+        capture_output=True,
+        text=True,
+    )
+    return {"commit": head.stdout.strip() or None, "fl_transport_dirty": bool(dirty.stdout.strip())}
 
 
 def _load() -> str:

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = ["load", "main", "plot", "table"]
 
 _COLUMNS = (
+    "started (UTC)",
     "mode",
     "sites",
     "relays",
@@ -42,7 +43,10 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
     """The runs, direct first, then by sites."""
     runs = [json.loads(path.read_text()) for path in paths]
     runs = [run for run in runs if "round_seconds" in run]
-    return sorted(runs, key=lambda run: (run["mode"] != "direct", run["clients"], run["relays"]))
+    return sorted(
+        runs,
+        key=lambda run: (run["mode"] != "direct", run["clients"], run["relays"], run["started_at"]),
+    )
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -51,6 +55,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         rss = run["rss"]
         fedavg = run["fedavg"]
         cells = [
+            run["started_at"][11:16],
             run["mode"],
             str(run["clients"]),
             str(run["relays"]),
@@ -74,7 +79,8 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> str:
-    """Round time (send and gather stacked) against sites, one bar group per mode."""
+    """Round time (send and gather stacked, means over the runs) against sites, one bar group
+    per mode; a whisker spans the round times of the runs when there are several."""
     try:
         import matplotlib
 
@@ -88,26 +94,27 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str:
     figure, axes = plt.subplots(figsize=(9, 5))
     colours = {"direct": ("tab:blue", "lightsteelblue"), "relayed": ("tab:green", "lightgreen")}
     for offset, mode in enumerate(modes):
-        by_sites = {run["clients"]: run for run in runs if run["mode"] == mode}
+        by_sites: dict[int, list[dict[str, Any]]] = {}
+        for run in runs:
+            if run["mode"] == mode:
+                by_sites.setdefault(run["clients"], []).append(run)
         xs = [index + (offset - (len(modes) - 1) / 2) * width for index, n in enumerate(sites)]
-        send = [by_sites[n]["send_seconds"] if n in by_sites else 0 for n in sites]
-        gather = [by_sites[n]["gather_seconds"] if n in by_sites else 0 for n in sites]
+        send = [_mean(by_sites.get(n, []), "send_seconds") for n in sites]
+        gather = [_mean(by_sites.get(n, []), "gather_seconds") for n in sites]
         dark, light = colours[mode]
-        axes.bar(xs, send, width, color=dark, label=f"{mode}: send")
-        axes.bar(xs, gather, width, bottom=send, color=light, label=f"{mode}: gather")
+        axes.bar(xs, send, width, color=dark, label=f"{mode}: send (mean)")
+        axes.bar(xs, gather, width, bottom=send, color=light, label=f"{mode}: gather (mean)")
         for x, n in zip(xs, sites, strict=True):
-            if n in by_sites:
-                run = by_sites[n]
-                label = f"{run['round_seconds']:.0f} s"
-                if mode == "relayed":
-                    label += f"\n{run['relays']} relays"
-                axes.annotate(
-                    label,
-                    (x, run["round_seconds"]),
-                    ha="center",
-                    va="bottom",
-                    fontsize="small",
-                )
+            if n not in by_sites:
+                continue
+            rounds = [run["round_seconds"] for run in by_sites[n]]
+            if len(rounds) > 1:  # the range of the round time over the runs
+                axes.vlines(x, min(rounds), max(rounds), color="black", linewidth=1)
+            label = f"{min(rounds):.0f}" + (f"-{max(rounds):.0f}" if len(rounds) > 1 else "")
+            label += " s"
+            if mode == "relayed":
+                label += f"\n{by_sites[n][0]['relays']} relays"
+            axes.annotate(label, (x, max(rounds)), ha="center", va="bottom", fontsize="small")
     first = runs[0]
     # TCP/IP headers: 1448 payload bytes per 1514 on the wire.
     goodput = first["uplink"]["rate_bps"] / 8 * 1448 / 1514
@@ -134,6 +141,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> str:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return str(path)
+
+
+def _mean(runs: list[dict[str, Any]], key: str) -> float:
+    return sum(run[key] for run in runs) / len(runs) if runs else 0.0
 
 
 def _relays_for(runs: list[dict[str, Any]], sites: int) -> int:

@@ -35,6 +35,7 @@ from fl.config import ServerConfig
 from fl.daemons import server_endpoint_config
 from fl.fedavg import FedAvg, RoundReport
 from fl.model import SAMPLE_COUNT, FLModel, ParamsType
+from fl.rss import return_freed_memory
 from fl.server import FLServer
 
 __all__ = [
@@ -176,6 +177,7 @@ def _server_child(queue: Any, settings: dict[str, Any]) -> None:
 
 
 async def _serve(settings: dict[str, Any]) -> dict[str, Any]:
+    return_freed_memory()  # as the server daemon does (fl/daemons.py serve)
     baseline_at = time.time()
     marks: dict[str, Any] = {}
     expected = settings["expected_clients"]
