@@ -234,9 +234,9 @@ class Relay:
             for name, layout in aggregation.layouts.items()
         }
         writer = ModelFileWriter(files.partial, layouts)
-        try:
-            outcome = aggregation.write_sums(writer.write)
-            writer.commit()
+        try:  # a model's size of reads and writes: off the loop, whose heartbeats must go on
+            outcome = await asyncio.to_thread(aggregation.write_sums, writer.write)
+            await asyncio.to_thread(writer.commit)
         except BaseException:
             writer.abort()
             raise
