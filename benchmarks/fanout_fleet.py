@@ -20,7 +20,6 @@ sampled from outside, and one wait on all of them that ends at the first failure
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.outside import ChildFailed, end, spawn
+from benchmarks.outside import ChildFailed, end, poll_child, spawn
 
 __all__ = ["Fleet", "RelayDaemon", "RssWatch", "listening"]
 
@@ -304,7 +303,7 @@ class Fleet:
         without a report, or a relay exited with an error."""
         for process, queue, name in zip(self.processes, self.queues, self.names, strict=True):
             if name not in self.results:
-                report = _poll(process, queue, name)
+                report = poll_child(process, queue, name)
                 if report is not None:
                     self.results[name] = report
         for relay in self.relays:
@@ -361,20 +360,3 @@ class Fleet:
                 statuses[relay.name] = relay.stop(grace=10.0 if graceful else 0.0)
             self.rss.stop()
         return statuses
-
-
-def _poll(process: Any, queue: Any, name: str) -> Any:
-    try:
-        result = queue.get_nowait()
-    except queue_module.Empty:
-        if process.is_alive():
-            return None
-        try:  # it may have reported just before it ended
-            result = queue.get(timeout=1.0)
-        except queue_module.Empty:
-            raise ChildFailed(
-                f"{name} ended (exit code {process.exitcode}) without a result"
-            ) from None
-    if isinstance(result, dict) and "error" in result:
-        raise ChildFailed(f"{result.get('role', name)} failed:\n{result['error']}")
-    return result

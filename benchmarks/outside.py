@@ -140,7 +140,7 @@ def collect(processes: list[Any], queues: list[Any], timeout: float) -> list[Any
     while any(result is None for result in results):
         for index, (process, queue) in enumerate(zip(processes, queues, strict=True)):
             if results[index] is None:
-                results[index] = _poll(process, queue)
+                results[index] = poll_child(process, queue)
         if time.monotonic() > deadline:
             waiting = [p.name for p, r in zip(processes, results, strict=True) if r is None]
             raise ChildFailed(f"no result within {timeout:.0f} s from {', '.join(waiting)}")
@@ -148,7 +148,10 @@ def collect(processes: list[Any], queues: list[Any], timeout: float) -> list[Any
     return [result for result in results if result is not None]
 
 
-def _poll(process: Any, queue: Any) -> Any:
+def poll_child(process: Any, queue: Any, name: str | None = None) -> Any:
+    """A child's report if it has sent one (None while it runs); ChildFailed when it reported
+    an error or ended without a word. `name`: what to call it (default: its process name)."""
+    name = name or process.name
     try:
         result = queue.get_nowait()
     except queue_module.Empty:
@@ -158,10 +161,10 @@ def _poll(process: Any, queue: Any) -> Any:
             result = queue.get(timeout=1.0)
         except queue_module.Empty:
             raise ChildFailed(
-                f"{process.name} ended (exit code {process.exitcode}) without a result"
+                f"{name} ended (exit code {process.exitcode}) without a result"
             ) from None
     if isinstance(result, dict) and "error" in result:
-        raise ChildFailed(f"{result.get('role', process.name)} failed:\n{result['error']}")
+        raise ChildFailed(f"{result.get('role', name)} failed:\n{result['error']}")
     return result
 
 

@@ -210,12 +210,7 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="after")
     def _mutual_tls_off_loopback(self) -> ServerConfig:
-        exposed = [url for url in self.listen if not _is_loopback(url)]
-        if exposed and self.pki_dir is None and not self.insecure:
-            raise ValueError(
-                f"listening on {', '.join(exposed)} needs mutual TLS: set pki_dir (make one with "
-                "`tensorwire certs init`) or insecure = true"
-            )
+        _require_tls_off_loopback(self.listen, self.pki_dir, self.insecure)
         return self
 
 
@@ -271,13 +266,18 @@ class RelayConfig(_Strict):
 
     @model_validator(mode="after")
     def _mutual_tls_off_loopback(self) -> RelayConfig:
-        exposed = [url for url in self.listen if not _is_loopback(url)]
-        if exposed and self.pki_dir is None and not self.insecure:
-            raise ValueError(
-                f"listening on {', '.join(exposed)} needs mutual TLS: set pki_dir (make one with "
-                "`tensorwire certs init`) or insecure = true"
-            )
+        _require_tls_off_loopback(self.listen, self.pki_dir, self.insecure)
         return self
+
+
+def _require_tls_off_loopback(listen: list[str], pki_dir: str | None, insecure: bool) -> None:
+    """A daemon listening on the network serves mutual TLS, unless told otherwise on purpose."""
+    exposed = [url for url in listen if not _is_loopback(url)]
+    if exposed and pki_dir is None and not insecure:
+        raise ValueError(
+            f"listening on {', '.join(exposed)} needs mutual TLS: set pki_dir (make one with "
+            "`tensorwire certs init`) or insecure = true"
+        )
 
 
 def _is_loopback(url: str) -> bool:
