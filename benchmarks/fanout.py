@@ -36,12 +36,9 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +61,7 @@ from benchmarks.fanout_roles import (
     write_initial_model,
 )
 from benchmarks.probes import format_size, parse_size
+from benchmarks.wan import sigterm_as_exit
 
 __all__ = ["add_arguments", "preflight_problem", "run"]
 
@@ -150,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     with (
-        _sigterm_as_exit(),
+        sigterm_as_exit(),
         tempfile.TemporaryDirectory(prefix="fanout-", dir=args.work_dir) as work,
     ):
         directory = Path(work)
@@ -533,20 +531,6 @@ def _code() -> dict[str, Any]:
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
-
-
-@contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM becomes SystemExit, so the processes are ended and the namespaces deleted."""
-
-    def leave(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, leave)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _write(

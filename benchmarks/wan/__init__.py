@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"wan: skipped: {problem}", file=sys.stderr)
         return base | {"skipped": problem, "emulation_validated": False}
     tcp_options = _tcp_options(args, profile)
-    with _sigterm_as_exit(), EmulatedWan(profile, seed=args.seed) as wan:
+    with sigterm_as_exit(), EmulatedWan(profile, seed=args.seed) as wan:
         checked = validate_link(wan, tcp_options.get("congestion_control"), args.validation_seconds)
         if not checked["emulation_validated"]:
             print(
@@ -133,8 +133,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so the namespaces are deleted on the way out."""
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so the namespaces are deleted (and children ended) on the
+    way out."""
 
     def leave(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
