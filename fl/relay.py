@@ -118,8 +118,6 @@ class Relay:
         self.client = client or FLClient(upstream_settings(config))
         # The upstream learns which sites are behind this relay (to reach them if it dies).
         self.client.heartbeat_extra = lambda: {"sites": self.server.live_clients()}
-        self.tasks_relayed = 0
-        self.last_results: list[ClientResult] = []
 
     async def start(self) -> list[str]:
         """Listen for sites, then join the upstream; returns the URLs the sites dial."""
@@ -188,7 +186,6 @@ class Relay:
         gathered = await self._gather(task, files)
         if gathered is not None:
             await self._send_up(*gathered)
-        self.tasks_relayed += 1
 
     async def _gather(
         self, task: Task, files: _TaskFiles
@@ -216,8 +213,7 @@ class Relay:
             model.close()
         if gathering.cancelled():
             return None
-        self.last_results = gathering.result()
-        return aggregation, self.last_results, files
+        return aggregation, gathering.result(), files
 
     async def _send_up(
         self, aggregation: RoundAggregation, results: list[ClientResult], files: _TaskFiles
